@@ -11,7 +11,7 @@ export FIFTYONE_DATABASE_VALIDATION := false
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= demo_output
 
-.PHONY: install test test-all demo lint format bench clean
+.PHONY: install browser test test-all demo lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless Chromium for the review App's browser test (Debian's package; needs root and apt).
+# Best effort: without it that one test is skipped and says why.
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)) ; } || \
+	  echo "chromium not installed: the browser test will be skipped"
+
 # Every test except those marked slow (large presets at full size on CPU): see `make test-all`.
-test: $(STAMP)
+test: $(STAMP) browser
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

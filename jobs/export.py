@@ -1,0 +1,79 @@
+"""`python -m jobs.export`: write a training set from label files or a reviewed FiftyOne dataset.
+
+    python -m jobs.export (--labels DIR | --dataset NAME [--tag reviewed] [--version N])
+        --format coco|coco-panoptic|parquet --output DIR [--categories FILE] [--database-uri URI]
+
+From ``--dataset`` the export takes the fields' current values, i.e. the reviewers' corrections;
+``--tag`` keeps only samples with that tag. ``--categories`` is a COCO category list (JSON, a list
+or a dict with "categories") whose ids the export keeps. The logic lives in ``pipeline.export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from pipeline import export
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.export", description=__doc__.split("\n")[0]
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--labels", help="label Parquet file or folder")
+    source.add_argument("--dataset", help="FiftyOne dataset name")
+    parser.add_argument("--tag", help="with --dataset: only samples with this tag (e.g. reviewed)")
+    parser.add_argument("--version", type=int, default=1, help="with --dataset: label version")
+    parser.add_argument("--format", required=True, choices=export.FORMATS)
+    parser.add_argument("--output", required=True, help="output folder")
+    parser.add_argument("--categories", help="COCO categories JSON whose ids to keep")
+    parser.add_argument("--database-uri", help="MongoDB URI (default: FiftyOne's bundled MongoDB)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    categories = None
+    if args.categories:
+        data = json.loads(Path(args.categories).read_text())
+        categories = data["categories"] if isinstance(data, dict) else data
+    if args.labels:
+        rows, vocabulary = export.rows_from_labels(args.labels)
+        reviewed: set[str] = set()
+    else:
+        if args.database_uri:
+            if "fiftyone" in sys.modules:
+                raise SystemExit("--database-uri must be given before FiftyOne is imported")
+            os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
+        import fiftyone as fo
+
+        from pipeline import fiftyone_io
+
+        if not fo.dataset_exists(args.dataset):
+            raise SystemExit(f"dataset {args.dataset!r} does not exist")
+        dataset = fo.load_dataset(args.dataset)
+        view = dataset.match_tags(args.tag) if args.tag else dataset
+        rows, reviewed = fiftyone_io.read_rows(view, version=args.version)
+        vocabulary = {"vocabularies": dataset.info.get("vocabularies", {})}
+    result = export.export_rows(
+        rows,
+        args.output,
+        format=args.format,
+        categories=categories,
+        reviewed=reviewed,
+        vocabulary=vocabulary,
+    )
+    print(
+        f"{result.format}: {result.num_images} images, {result.num_annotations} annotations -> "
+        + ", ".join(str(p) for p in result.paths),
+        flush=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

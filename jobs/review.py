@@ -1,0 +1,85 @@
+"""`python -m jobs.review`: ingest label Parquet files into FiftyOne and open a review session.
+
+    python -m jobs.review --labels DIR --dataset NAME [--media-dir DIR] [--replace-unreviewed]
+        [--launch] [--port 5151] [--address 127.0.0.1] [--database-uri URI]
+
+The dataset is persistent, on FiftyOne's bundled MongoDB unless ``--database-uri`` names another
+(FiftyOne's ``database_uri``). ``--launch`` serves the App on ``address:port`` (localhost by
+default: reach it from a laptop with ``ssh -N -L PORT:localhost:PORT user@host``) and blocks until
+interrupted. The logic lives in ``pipeline.fiftyone_io``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.review", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--labels", help="label Parquet file or folder to ingest (optional)")
+    parser.add_argument("--dataset", required=True, help="FiftyOne dataset name")
+    parser.add_argument("--media-dir", help="where tar/remote images go (default <labels>/media)")
+    parser.add_argument(
+        "--replace-unreviewed",
+        action="store_true",
+        help="a new labeling run overwrites samples nobody reviewed or edited (default: new fields)",
+    )
+    parser.add_argument("--launch", action="store_true", help="serve the FiftyOne App and wait")
+    parser.add_argument("--port", type=int, default=5151, help="App port (default 5151)")
+    parser.add_argument("--address", default="127.0.0.1", help="App address (default 127.0.0.1)")
+    parser.add_argument("--database-uri", help="MongoDB URI (default: FiftyOne's bundled MongoDB)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.database_uri:
+        # FiftyOne reads its config on import: set the URI before importing it.
+        if "fiftyone" in sys.modules:
+            raise SystemExit("--database-uri must be given before FiftyOne is imported")
+        os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
+    import fiftyone as fo
+
+    from pipeline import fiftyone_io
+
+    if args.labels:
+        dataset, result = fiftyone_io.ingest_labels(
+            args.labels,
+            args.dataset,
+            media_dir=args.media_dir,
+            replace_unreviewed=args.replace_unreviewed,
+        )
+        print(
+            f"dataset {dataset.name!r}: {len(dataset)} samples; this ingest added {result.added}, "
+            f"unchanged {result.unchanged}, replaced {result.replaced}, "
+            f"new versions {result.versioned}, error rows {result.errors}",
+            flush=True,
+        )
+    elif fo.dataset_exists(args.dataset):
+        dataset = fo.load_dataset(args.dataset)
+    else:
+        raise SystemExit(f"dataset {args.dataset!r} does not exist; give --labels to create it")
+    if not args.launch:
+        return 0
+    session = fo.launch_app(dataset, address=args.address, port=args.port, auto=False, remote=True)
+    print(f"FiftyOne App: http://{args.address}:{args.port}/", flush=True)
+    print(
+        f"from a laptop: ssh -N -L {args.port}:localhost:{args.port} <user>@<this host>, "
+        f"then open http://localhost:{args.port}/ (Ctrl-C here stops the App)",
+        flush=True,
+    )
+    try:
+        session.wait(-1)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        session.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

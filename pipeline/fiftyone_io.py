@@ -1,0 +1,562 @@
+"""FiftyOne ingest of label Parquet files, and the read-back of reviewers' corrections.
+
+Layout of one sample (one image, keyed by ``image_id``):
+
+- ``filepath``: a local image file. Plain paths are kept; ``file://`` is stripped; SA-1B members
+  ``tar://<tar path>#<member>`` are extracted (that member only) into ``media_dir``; other remote
+  URIs are copied there with fsspec. ``uri`` keeps the original URI, ``shard`` the input shard.
+- ``instances``, ``parts``, ``subparts``, ``stuff``: ``fo.Detections``, one per mask level. Each
+  ``fo.Detection`` follows FiftyOne's convention: ``bounding_box`` is ``[x, y, w, h]`` relative to
+  the image in [0, 1] and ``mask`` is a bool array covering only that box (so documents stay far
+  below MongoDB's 16 MB limit even at SA-1B size). ``confidence`` is the score; attributes:
+  ``mask_id``, ``level``, ``model_label`` (the label as the model gave it), ``topk_labels``,
+  ``topk_scores``, ``origin``, ``sam_iou``, ``sam_stability``, ``area`` (pixels), and for parts
+  and subparts ``parent_id`` (the FiftyOne id of the parent detection: the instance of a part, the
+  part of a subpart) and ``parent_mask_id`` (its ``mask_id`` in the Parquet row).
+- ``label_runs``: the labeling runs the sample holds, one run id per version; a run id is
+  ``"<model> | <vocabulary_hash> | <labeled_at ISO>"``. Version 1 lives in the plain fields above,
+  version ``n > 1`` in ``instances_v<n>``, ``parts_v<n>``, ... ``label_error_v<n>``.
+- ``label_fingerprint``: a hash of the version-1 detections (ids, labels, boxes) as ingested; when
+  the current values hash differently, a reviewer edited the sample.
+- Error rows: the sample is tagged ``label-error`` and ``label_error`` holds the reason.
+
+Ingest rules (see ``ingest_rows``): a run id the sample already holds changes nothing (idempotent);
+a newer run of an existing sample goes into the next version's fields and never overwrites the
+plain fields, except with ``replace_unreviewed=True`` for samples that are neither tagged
+``reviewed`` nor edited (nor error samples, which have nothing to protect).
+All writes are bulk: ``add_samples`` for new images and ``set_values`` keyed by ``image_id`` for
+existing ones; there is no per-sample save loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tarfile
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import fiftyone as fo
+import numpy as np
+from fiftyone import ViewField as F
+
+import schemas
+from pipeline.export import label_files
+from schemas import rle as rle_utils
+
+LEVEL_FIELDS = {"instance": "instances", "part": "parts", "subpart": "subparts", "stuff": "stuff"}
+FIELD_LEVELS = {field: level for level, field in LEVEL_FIELDS.items()}
+REVIEWED_TAG = "reviewed"
+ERROR_TAG = "label-error"
+RUN_SEPARATOR = " | "
+
+
+# --------------------------------------------------------------------------- results
+@dataclass(frozen=True)
+class IngestResult:
+    """What one ingest did, counted in samples."""
+
+    added: int  # new samples (images not in the dataset before)
+    unchanged: int  # samples that already held this labeling run
+    replaced: int  # untouched samples whose version-1 fields took the new run
+    versioned: int  # samples whose new run went into new version fields
+    errors: int  # error rows among the ingested rows
+
+
+# --------------------------------------------------------------------------- naming
+def run_id(row: dict) -> str:
+    """The labeling run of a row: model, vocabulary hash and labeling time."""
+    labeled_at = row.get("labeled_at")
+    stamp = labeled_at.isoformat() if isinstance(labeled_at, datetime) else str(labeled_at or "")
+    return RUN_SEPARATOR.join([row.get("model") or "", row.get("vocabulary_hash") or "", stamp])
+
+
+def parse_run_id(run: str) -> tuple[str, str, datetime | None]:
+    """(model, vocabulary_hash, labeled_at) of a run id made by ``run_id``."""
+    model, vocabulary_hash, stamp = run.rsplit(RUN_SEPARATOR, 2)
+    return model, vocabulary_hash, datetime.fromisoformat(stamp) if stamp else None
+
+
+def version_suffix(version: int) -> str:
+    """Field name suffix of a label version: "" for 1, "_v<n>" after."""
+    if version < 1:
+        raise ValueError(f"versions start at 1, got {version}")
+    return "" if version == 1 else f"_v{version}"
+
+
+# --------------------------------------------------------------------------- media
+class MediaResolver:
+    """Turns row URIs into local image paths, materializing archive members and remote files.
+
+    ``tar://<tar>#<member>`` extracts only ``member`` (by name, one pass over each tar per batch)
+    to ``media_dir/<tar stem>/<member basename>``; the target is checked to lie inside
+    ``media_dir``. Files already there are reused, so re-ingest extracts nothing.
+    """
+
+    def __init__(self, *, media_dir: str | os.PathLike):
+        self.media_dir = Path(media_dir).resolve()
+
+    @staticmethod
+    def _safe_name(name: str) -> str:
+        base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(name.replace("\\", "/")))
+        if base in ("", ".", ".."):
+            raise ValueError(f"cannot make a file name from {name!r}")
+        return base
+
+    def _inside(self, path: Path) -> Path:
+        resolved = path.resolve()
+        if self.media_dir not in resolved.parents:
+            raise ValueError(f"{path} lies outside the media folder {self.media_dir}")
+        return resolved
+
+    def target(self, uri: str) -> Path | None:
+        """The local path of ``uri`` (None for a plain local path, which is used as it is)."""
+        if uri.startswith("tar://"):
+            tar_path, _, member = uri[len("tar://") :].rpartition("#")
+            if not tar_path or not member:
+                raise ValueError(f"tar URI without '#member': {uri}")
+            stem = self._safe_name(Path(tar_path).name.split(".")[0] or "tar")
+            return self._inside(self.media_dir / stem / self._safe_name(member))
+        if uri.startswith("file://") or "://" not in uri:
+            return None
+        digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
+        return self._inside(self.media_dir / "remote" / f"{digest}_{self._safe_name(uri)}")
+
+    def resolve(self, uris: Sequence[str]) -> list[str]:
+        """Local paths for ``uris`` (same order); missing archive members are left unextracted."""
+        paths: list[str] = []
+        wanted: dict[str, dict[str, Path]] = defaultdict(dict)  # tar path -> member -> target
+        for uri in uris:
+            target = self.target(uri)
+            if target is None:
+                paths.append(uri[len("file://") :] if uri.startswith("file://") else uri)
+                continue
+            paths.append(str(target))
+            if target.exists():
+                continue
+            if uri.startswith("tar://"):
+                tar_path, _, member = uri[len("tar://") :].rpartition("#")
+                wanted[tar_path][member] = target
+            else:
+                self._copy_remote(uri, target)
+        for tar_path, members in wanted.items():
+            self._extract(tar_path, members)
+        return paths
+
+    @staticmethod
+    def _write_atomic(source, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as out:
+            shutil.copyfileobj(source, out)
+        os.replace(tmp, target)
+
+    def _extract(self, tar_path: str, members: dict[str, Path]) -> None:
+        import fsspec
+
+        with fsspec.open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+            left = dict(members)
+            for info in tar:  # streaming: one pass, only the named members are read
+                target = left.pop(info.name, None)
+                if target is None or not info.isfile():
+                    continue
+                self._write_atomic(tar.extractfile(info), target)
+                if not left:
+                    break
+
+    def _copy_remote(self, uri: str, target: Path) -> None:
+        import fsspec
+
+        with fsspec.open(uri, "rb") as source:
+            self._write_atomic(source, target)
+
+
+# --------------------------------------------------------------------------- rows -> labels
+def decode_crop(rle: dict, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """The (h, w) bool window at (x, y) of an RLE mask, decoding only the box's columns.
+
+    COCO RLE runs are column-major, so columns x..x+w-1 are the flat pixel range
+    [x * H, (x + w) * H); the runs are clipped to that range and expanded, which costs the box's
+    area instead of the image's (a full decode of every SA-1B mask takes ~1 s per image).
+    """
+    height = int(rle["size"][0])
+    runs = np.asarray(rle_utils.run_lengths(rle), dtype=np.int64)
+    ends = np.cumsum(runs)
+    starts = ends - runs
+    lo, hi = x * height, (x + w) * height
+    lengths = np.clip(np.minimum(ends, hi) - np.maximum(starts, lo), 0, None)
+    values = (np.arange(len(runs)) % 2).astype(bool)  # background first, then alternating
+    flat = np.repeat(values, lengths)
+    return flat.reshape(w, height).T[y : y + h].copy()
+
+
+def _detection(mask: dict, width: int, height: int) -> fo.Detection:
+    """One schema mask as a FiftyOne detection with its mask cropped to the (pixel) box."""
+    x, y, w, h = (int(round(v)) for v in rle_utils.bbox(mask["rle"]))
+    crop = None
+    if w > 0 and h > 0:
+        crop = decode_crop(mask["rle"], x, y, w, h)
+    return fo.Detection(
+        label=mask["label"],
+        bounding_box=[x / width, y / height, w / width, h / height],
+        mask=crop,
+        confidence=float(mask["score"]),
+        mask_id=int(mask["mask_id"]),
+        level=mask["level"],
+        model_label=mask["label"],
+        topk_labels=list(mask["topk_labels"] or []),
+        topk_scores=[float(s) for s in mask["topk_scores"] or []],
+        origin=mask["origin"],
+        sam_iou=mask["sam_iou"],
+        sam_stability=mask["sam_stability"],
+        area=int(mask["area"]),
+    )
+
+
+def row_labels(row: dict) -> dict[str, fo.Detections]:
+    """The four level fields of an ok row, parents linked by FiftyOne detection id."""
+    fields: dict[str, list[fo.Detection]] = {name: [] for name in FIELD_LEVELS}
+    if row["status"] != "ok":
+        return {name: fo.Detections(detections=[]) for name in fields}
+    by_mask_id: dict[int, fo.Detection] = {}
+    width, height = int(row["width"]), int(row["height"])
+    for mask in row["masks"] or []:
+        det = _detection(mask, width, height)
+        by_mask_id[det["mask_id"]] = det
+        fields[LEVEL_FIELDS[mask["level"]]].append(det)
+    for mask in row["masks"] or []:
+        parent = mask["parent_id"]
+        if parent is not None and parent in by_mask_id:
+            det = by_mask_id[int(mask["mask_id"])]
+            det["parent_id"] = by_mask_id[parent].id
+            det["parent_mask_id"] = int(parent)
+    return {name: fo.Detections(detections=dets) for name, dets in fields.items()}
+
+
+def fingerprint(
+    ids: Iterable[Sequence[str] | None],
+    labels: Iterable[Sequence[str] | None],
+    boxes: Iterable[Sequence[Sequence[float]] | None],
+) -> str:
+    """Hash of the level fields' detections (per field: ids, labels, boxes in that order)."""
+    digest = hashlib.sha1()
+    for field_ids, field_labels, field_boxes in zip(ids, labels, boxes):
+        for i, label, box in zip(field_ids or [], field_labels or [], field_boxes or []):
+            digest.update(f"{i}|{label}|{[round(float(v), 6) for v in box]};".encode())
+        digest.update(b"#")
+    return digest.hexdigest()
+
+
+def _labels_fingerprint(labels: dict[str, fo.Detections]) -> str:
+    names = list(FIELD_LEVELS)
+    return fingerprint(
+        [[d.id for d in labels[n].detections] for n in names],
+        [[d.label for d in labels[n].detections] for n in names],
+        [[d.bounding_box for d in labels[n].detections] for n in names],
+    )
+
+
+# --------------------------------------------------------------------------- ingest
+def open_dataset(name: str) -> fo.Dataset:
+    """The persistent dataset ``name`` (created, with a unique ``image_id`` index, if new)."""
+    if fo.dataset_exists(name):
+        return fo.load_dataset(name)
+    dataset = fo.Dataset(name, persistent=True)
+    for field in ("image_id", "uri", "shard", "label_fingerprint"):
+        dataset.add_sample_field(field, fo.StringField)
+    dataset.add_sample_field("label_runs", fo.ListField, subfield=fo.StringField)
+    _add_version_fields(dataset, 1)
+    dataset.create_index("image_id", unique=True)
+    return dataset
+
+
+def _add_version_fields(dataset: fo.Dataset, version: int) -> None:
+    """Declare the fields of a label version (so all-empty values still have a type)."""
+    suffix = version_suffix(version)
+    schema = dataset.get_field_schema()
+    for name in FIELD_LEVELS:
+        if f"{name}{suffix}" not in schema:
+            dataset.add_sample_field(
+                f"{name}{suffix}", fo.EmbeddedDocumentField, embedded_doc_type=fo.Detections
+            )
+    if f"label_error{suffix}" not in schema:
+        dataset.add_sample_field(f"label_error{suffix}", fo.StringField)
+
+
+def _current_fingerprints(view: fo.DatasetView) -> list[str]:
+    names = list(FIELD_LEVELS)
+    paths = [f"{n}.detections.{attr}" for attr in ("id", "label", "bounding_box") for n in names]
+    values = view.values(paths)
+    k = len(names)
+    per_field = [values[0:k], values[k : 2 * k], values[2 * k : 3 * k]]
+    return [
+        fingerprint(
+            [per_field[0][f][s] for f in range(k)],
+            [per_field[1][f][s] for f in range(k)],
+            [per_field[2][f][s] for f in range(k)],
+        )
+        for s in range(len(values[0]))
+    ]
+
+
+def _version_values(row: dict, labels: dict[str, fo.Detections]) -> dict[str, object]:
+    values: dict[str, object] = dict(labels)
+    values["label_error"] = row["error"] if row["status"] == "error" else None
+    return values
+
+
+def ingest_rows(
+    dataset: fo.Dataset,
+    rows: Sequence[dict],
+    *,
+    media_dir: str | os.PathLike,
+    replace_unreviewed: bool = False,
+) -> IngestResult:
+    """Ingest schema-v1 rows (dicts, e.g. ``table.to_pylist()``) into ``dataset``.
+
+    Args:
+        dataset: from ``open_dataset``.
+        rows: one per image; a later row of the same image_id in ``rows`` wins.
+        media_dir: where archive members and remote images are materialized.
+        replace_unreviewed: let a new run overwrite the version-1 fields of samples nobody
+            reviewed (not tagged ``reviewed`` and fingerprint unchanged); otherwise a new run of
+            an existing sample always goes into new version fields.
+    """
+    latest = {row["image_id"]: row for row in rows}
+    rows = list(latest.values())
+    if not rows:
+        return IngestResult(added=0, unchanged=0, replaced=0, versioned=0, errors=0)
+    ids = [row["image_id"] for row in rows]
+    view = dataset.match(F("image_id").is_in(ids))
+    state: dict[str, dict] = {}
+    if len(view):
+        keys, runs, tags, stored = view.values(
+            ["image_id", "label_runs", "tags", "label_fingerprint"]
+        )
+        current = _current_fingerprints(view)
+        for key, r, t, s, c in zip(keys, runs, tags, stored, current):
+            state[key] = {"runs": list(r or []), "tags": list(t or []), "edited": s != c}
+
+    new_rows = [row for row in rows if row["image_id"] not in state]
+    paths = MediaResolver(media_dir=media_dir).resolve([row["uri"] for row in new_rows])
+    samples = []
+    for row, path in zip(new_rows, paths):
+        labels = row_labels(row)
+        sample = fo.Sample(
+            filepath=path,
+            tags=[ERROR_TAG] if row["status"] == "error" else [],
+            image_id=row["image_id"],
+            uri=row["uri"],
+            shard=row["shard"],
+            label_runs=[run_id(row)],
+            label_fingerprint=_labels_fingerprint(labels),
+            **_version_values(row, labels),
+        )
+        if row["width"] and row["height"]:
+            sample.metadata = fo.ImageMetadata(width=int(row["width"]), height=int(row["height"]))
+        samples.append(sample)
+    if samples:
+        dataset.add_samples(samples, progress=False)
+
+    updates: dict[str, dict[str, object]] = defaultdict(dict)  # field -> image_id -> value
+    unchanged = replaced = versioned = 0
+    for row in rows:
+        key = row["image_id"]
+        if key not in state:
+            continue
+        old, run = state[key], run_id(row)
+        if run in old["runs"]:
+            unchanged += 1
+            continue
+        labels = row_labels(row)
+        values = _version_values(row, labels)
+        is_error = ERROR_TAG in old["tags"]
+        untouched = REVIEWED_TAG not in old["tags"] and not old["edited"]
+        if untouched and (replace_unreviewed or is_error):
+            replaced += 1
+            values["label_fingerprint"] = _labels_fingerprint(labels)
+            updates["label_runs"][key] = [run] + old["runs"][1:]
+            tags = [t for t in old["tags"] if t != ERROR_TAG]
+            updates["tags"][key] = tags + ([ERROR_TAG] if row["status"] == "error" else [])
+            if row["width"] and row["height"]:
+                size = dict(width=int(row["width"]), height=int(row["height"]))
+                updates["metadata"][key] = fo.ImageMetadata(**size)
+            suffix = ""
+        else:
+            versioned += 1
+            updates["label_runs"][key] = old["runs"] + [run]
+            suffix = version_suffix(len(old["runs"]) + 1)
+            _add_version_fields(dataset, len(old["runs"]) + 1)
+        for name, value in values.items():
+            updates[f"{name}{suffix}"][key] = value
+    for name, by_key in updates.items():
+        dataset.set_values(name, by_key, key_field="image_id")
+    return IngestResult(
+        added=len(samples),
+        unchanged=unchanged,
+        replaced=replaced,
+        versioned=versioned,
+        errors=sum(row["status"] == "error" for row in rows),
+    )
+
+
+def iter_label_rows(
+    labels: str | os.PathLike, *, batch_size: int = 512
+) -> Iterator[tuple[list[dict], dict]]:
+    """(rows, metadata) batches from every label file under ``labels``."""
+    for path in label_files(labels):
+        table, info = schemas.read_parquet(path)
+        for batch in table.to_batches(max_chunksize=batch_size):
+            yield batch.to_pylist(), info
+
+
+def ingest_labels(
+    labels: str | os.PathLike,
+    dataset_name: str,
+    *,
+    media_dir: str | os.PathLike | None = None,
+    replace_unreviewed: bool = False,
+    batch_size: int = 512,
+) -> tuple[fo.Dataset, IngestResult]:
+    """Ingest every label file under ``labels`` into the persistent dataset ``dataset_name``.
+
+    ``media_dir`` defaults to ``<labels>/media``. Vocabularies from the files' metadata are kept
+    in ``dataset.info["vocabularies"]`` by vocabulary hash (when the rows name one).
+    """
+    dataset = open_dataset(dataset_name)
+    root = Path(labels)
+    media = Path(media_dir) if media_dir else (root if root.is_dir() else root.parent) / "media"
+    totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0)
+    vocabularies = dict(dataset.info.get("vocabularies", {}))
+    for rows, info in iter_label_rows(labels, batch_size=batch_size):
+        result = ingest_rows(dataset, rows, media_dir=media, replace_unreviewed=replace_unreviewed)
+        for name in totals:
+            totals[name] += getattr(result, name)
+        for row in rows:
+            if row["vocabulary_hash"] and info["vocabulary"]:
+                vocabularies.setdefault(row["vocabulary_hash"], info["vocabulary"])
+    if totals["added"] or totals["replaced"] or totals["versioned"]:
+        dataset.add_dynamic_sample_fields()  # expose detection attributes in the App's filters
+    if vocabularies != dataset.info.get("vocabularies", {}):
+        dataset.info["vocabularies"] = vocabularies
+        dataset.save()
+    return dataset, IngestResult(**totals)
+
+
+# --------------------------------------------------------------------------- read back
+def _full_mask(det: fo.Detection, width: int, height: int) -> np.ndarray:
+    """The (H, W) bool mask of a detection, its box-cropped mask pasted back at pixel precision."""
+    full = np.zeros((height, width), dtype=bool)
+    if det.mask is None:
+        return full
+    bx, by, bw, bh = det.bounding_box
+    x0, y0 = int(round(bx * width)), int(round(by * height))
+    x1, y1 = int(round((bx + bw) * width)), int(round((by + bh) * height))
+    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
+    if x1 <= x0 or y1 <= y0:
+        return full
+    mask = np.asarray(det.mask).astype(bool)
+    if mask.shape != (y1 - y0, x1 - x0):  # e.g. drawn in an annotation tool: nearest resize
+        rows = (np.arange(y1 - y0) * mask.shape[0] // (y1 - y0)).clip(0, mask.shape[0] - 1)
+        cols = (np.arange(x1 - x0) * mask.shape[1] // (x1 - x0)).clip(0, mask.shape[1] - 1)
+        mask = mask[rows][:, cols]
+    full[y0:y1, x0:x1] = mask
+    return full
+
+
+def _masks_from_sample(labels: dict[str, fo.Detections | None], width: int, height: int) -> list:
+    """Schema masks from the current detections; new detections get fresh mask ids."""
+    dets = [
+        (FIELD_LEVELS[name], det)
+        for name in FIELD_LEVELS
+        for det in (labels.get(name).detections if labels.get(name) else [])
+    ]
+    used: set[int] = set()
+    ids: list[int] = []
+    for _, det in dets:  # keep ingested mask ids where they are still unique
+        mid = getattr(det, "mask_id", None)
+        ids.append(-1 if mid is None or mid in used else int(mid))
+        used.add(ids[-1])
+    next_id = max(used | {-1}) + 1
+    for k, value in enumerate(ids):
+        if value < 0:
+            ids[k], next_id = next_id, next_id + 1
+    by_det_id = {det.id: mask_id for (_, det), mask_id in zip(dets, ids)}
+    masks = []
+    for (level, det), mask_id in zip(dets, ids):
+        get = lambda name, det=det: getattr(det, name, None)  # noqa: E731
+        model_label = get("model_label")
+        corrected = model_label is not None and det.label != model_label
+        parent = by_det_id.get(get("parent_id")) if get("parent_id") else None
+        masks.append(
+            schemas.make_mask(
+                mask_id=mask_id,
+                rle=rle_utils.encode(_full_mask(det, width, height)),
+                level=level,
+                label=det.label,
+                # a label a reviewer changed is a human label: the model's score and top-k no
+                # longer describe it
+                score=1.0 if corrected or det.confidence is None else float(det.confidence),
+                topk_labels=[det.label] if corrected else list(get("topk_labels") or []),
+                topk_scores=[1.0] if corrected else list(get("topk_scores") or []),
+                parent_id=parent if parent != mask_id else None,
+                origin=get("origin") if get("origin") in schemas.ORIGINS else "hipie",
+                sam_iou=get("sam_iou"),
+                sam_stability=get("sam_stability"),
+            )
+        )
+    return masks
+
+
+def read_rows(
+    collection: fo.core.collections.SampleCollection, *, version: int = 1
+) -> tuple[list[dict], set[str]]:
+    """Schema-v1 rows from the current field values (the reviewers' corrections) of a dataset or
+    view, and the image ids of the samples tagged ``reviewed``.
+
+    Args:
+        collection: a dataset or view (e.g. ``dataset.match_tags("reviewed")``).
+        version: which label version to read (1 = the plain fields).
+    """
+    suffix = version_suffix(version)
+    schema = collection.get_field_schema()
+    names = [n for n in FIELD_LEVELS if f"{n}{suffix}" in schema]
+    fields = ["image_id", "uri", "shard", "tags", "label_runs", "metadata"]
+    error_field = f"label_error{suffix}" if f"label_error{suffix}" in schema else None
+    columns = collection.values(
+        fields + [f"{n}{suffix}" for n in names] + ([error_field] if error_field else [])
+    )
+    rows, reviewed = [], set()
+    for s in range(len(columns[0])):
+        key, uri, shard, tags, runs, metadata = (columns[i][s] for i in range(len(fields)))
+        labels = {n: columns[len(fields) + i][s] for i, n in enumerate(names)}
+        error = columns[-1][s] if error_field else None
+        if REVIEWED_TAG in (tags or []):
+            reviewed.add(key)
+        runs = runs or []
+        if len(runs) < version:
+            continue  # the sample has no such version
+        model, vocabulary_hash, labeled_at = parse_run_id(runs[version - 1])
+        width = metadata.width if metadata else None
+        height = metadata.height if metadata else None
+        common = dict(image_id=key, uri=uri, shard=shard or "", model=model)
+        common.update(vocabulary_hash=vocabulary_hash, width=width, height=height)
+        if error or not width or not height:
+            rows.append(
+                schemas.make_error_row(
+                    error=error or "no image size", labeled_at=labeled_at, **common
+                )
+            )
+            continue
+        masks = _masks_from_sample(labels, width, height)
+        rows.append(
+            schemas.make_ok_row(
+                masks=masks, labeled_at=labeled_at or datetime.now(timezone.utc), **common
+            )
+        )
+    return rows, reviewed
