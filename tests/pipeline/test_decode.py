@@ -1,0 +1,307 @@
+"""Decoding untrusted bytes: image modes, EXIF, bombs, corrupt data, SA-1B mask json."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pipeline.decode import (
+    ImageDecodeError,
+    MaskDecodeError,
+    SamMask,
+    _validate_counts,
+    decode_image,
+    decode_sam_json,
+)
+from tests.pipeline.badinputs import (
+    encode,
+    exif_rotated_jpeg,
+    gradient_rgb,
+    png16_rgb,
+    png_header_only,
+    rect_rle,
+    sam_json,
+)
+
+RGB = gradient_rgb(24, 32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: modes
+
+
+@pytest.mark.parametrize(
+    ("fmt", "params"), [("PNG", {}), ("BMP", {}), ("TIFF", {}), ("WEBP", {"lossless": True})]
+)
+def test_lossless_rgb_roundtrip(fmt, params):
+    out = decode_image(encode(RGB, fmt, **params))
+    assert out.dtype == np.uint8 and out.shape == (24, 32, 3)
+    np.testing.assert_array_equal(out, RGB)
+
+
+def test_jpeg_close_to_original():
+    out = decode_image(encode(RGB, "JPEG", quality=95))
+    assert out.shape == (24, 32, 3)
+    assert np.abs(out.astype(int) - RGB).mean() < 4
+
+
+def test_grayscale_and_bilevel_replicated():
+    gray = RGB[:, :, 0]
+    out = decode_image(encode(gray, "PNG"))
+    np.testing.assert_array_equal(out, np.repeat(gray[:, :, None], 3, axis=2))
+    bits = np.zeros((4, 8), bool)
+    bits[:, :3] = True
+    out = decode_image(encode(Image.fromarray(bits), "PNG"))  # mode "1"
+    assert out[0, 0].tolist() == [255, 255, 255] and out[0, 5].tolist() == [0, 0, 0]
+
+
+def test_16bit_grayscale_scaled_not_clipped():
+    values = np.array([[0, 257 * 100, 65535, 300, 128, 129]], np.uint16)
+    image = Image.fromarray(values)
+    data = encode(image, "PNG")
+    assert Image.open(__import__("io").BytesIO(data)).mode == "I;16"
+    out = decode_image(data)
+    # round(v / 257): PIL's own convert("RGB") would clip 300 to 255 instead.
+    assert out[0, :, 0].tolist() == [0, 100, 255, 1, 0, 1]
+    assert (out[..., 0] == out[..., 1]).all() and (out[..., 1] == out[..., 2]).all()
+
+
+def test_16bit_rgb_png():
+    values = RGB.astype(np.uint16) * 257
+    out = decode_image(png16_rgb(values))
+    np.testing.assert_array_equal(out, RGB)
+
+
+def test_rgba_composited_on_white():
+    rgba = np.zeros((1, 3, 4), np.uint8)
+    rgba[0, 0] = (200, 100, 50, 0)  # fully transparent: white
+    rgba[0, 1] = (200, 100, 50, 255)  # opaque: itself
+    rgba[0, 2] = (200, 100, 50, 128)  # half: (c * 128 + 255 * 127 + 127) // 255
+    out = decode_image(encode(rgba, "PNG"))
+    assert out[0].tolist() == [[255, 255, 255], [200, 100, 50], [227, 177, 152]]
+
+
+def test_transparent_color_key_in_rgb_and_gray_png():
+    rgb = np.array([[[10, 20, 30], [1, 2, 3]]], np.uint8)
+    out = decode_image(encode(rgb, "PNG", transparency=(10, 20, 30)))
+    assert out[0].tolist() == [[255, 255, 255], [1, 2, 3]]
+    gray = np.array([[7, 9]], np.uint8)
+    out = decode_image(encode(gray, "PNG", transparency=7))
+    assert out[0].tolist() == [[255, 255, 255], [9, 9, 9]]
+
+
+def test_32bit_integer_and_float_tiff():
+    ints = Image.fromarray(np.array([[0, 257 * 3, 70000, -5]], np.int32), mode="I")
+    assert decode_image(encode(ints, "TIFF"))[0, :, 0].tolist() == [0, 3, 255, 0]
+    unit = Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32), mode="F")
+    assert decode_image(encode(unit, "TIFF"))[0, :, 0].tolist() == [0, 128, 255]
+    wide = Image.fromarray(np.array([[0.0, 100.4, 300.0]], np.float32), mode="F")
+    assert decode_image(encode(wide, "TIFF"))[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_palette_with_transparency():
+    image = Image.new("P", (2, 1))
+    image.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    image.putpixel((1, 0), 1)
+    out = decode_image(encode(image, "PNG", transparency=1))
+    assert out[0].tolist() == [[255, 0, 0], [255, 255, 255]]
+    out = decode_image(encode(image, "PNG"))  # no transparency: plain palette lookup
+    assert out[0].tolist() == [[255, 0, 0], [0, 255, 0]]
+
+
+def test_cmyk():
+    cmyk = Image.new("CMYK", (3, 2), (0, 255, 255, 0))  # red
+    cmyk.putpixel((1, 0), (0, 0, 0, 0))  # white
+    cmyk.putpixel((2, 0), (0, 0, 0, 255))  # black
+    cmyk.putpixel((0, 1), (100, 0, 0, 50))  # R = (255 - C) * (255 - K) / 255, rounded
+    out = decode_image(encode(cmyk, "TIFF"))  # lossless
+    assert out[0].tolist() == [[255, 0, 0], [255, 255, 255], [0, 0, 0]]
+    assert out[1, 0].tolist() == [125, 205, 205]
+    jpeg = decode_image(encode(Image.new("CMYK", (16, 16), (0, 255, 255, 0)), "JPEG"))
+    assert np.abs(jpeg.astype(int) - [255, 0, 0]).max() < 8
+
+
+def test_exif_orientation_applied():
+    out = decode_image(exif_rotated_jpeg(10, 20, orientation=6))
+    assert out.shape == (20, 10, 3)  # rotated 90 degrees
+    top, bottom = out[:8].reshape(-1, 3).mean(0), out[12:].reshape(-1, 3).mean(0)
+    assert top[0] > 200 and top[2] < 50  # the left (red) half is now on top
+    assert bottom[2] > 200 and bottom[0] < 50
+    out = decode_image(exif_rotated_jpeg(10, 20, orientation=8))  # 90 degrees the other way
+    assert out.shape == (20, 10, 3)
+    assert out[12:].reshape(-1, 3).mean(0)[0] > 200  # red at the bottom
+    plain = decode_image(exif_rotated_jpeg(10, 20, orientation=1))
+    assert plain.shape == (10, 20, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images: refused
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file"),
+        (b"hello, I am text\n", "not an image in a supported format"),
+        (bytes(range(256)) * 3, "not an image in a supported format"),
+        (encode(gradient_rgb(64, 64), "JPEG")[:700], "truncated jpeg data"),
+        (encode(gradient_rgb(64, 64), "PNG")[:3000], "truncated png data"),
+        (b"\xff\xd8\xff\xe0 not really a jpeg", "image header"),
+        # EPS would run Ghostscript: the format is not accepted at all.
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not an image"),
+    ],
+)
+def test_bad_data_raises_with_reason(data, reason):
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(data)
+    assert reason in info.value.reason.lower()
+    assert info.value.reason == str(info.value)
+
+
+def test_max_pixels_checked_from_the_header():
+    data = png_header_only(2000, 1000)  # no pixel data at all: refused before decoding
+    with pytest.raises(ImageDecodeError, match=r"2000x1000 = 2000000 pixels exceeds max_pixels"):
+        decode_image(data, max_pixels=1_000_000)
+    small = encode(RGB, "PNG")
+    with pytest.raises(ImageDecodeError, match="too large"):
+        decode_image(small, max_pixels=24 * 32 - 1)
+    assert decode_image(small, max_pixels=24 * 32).shape == (24, 32, 3)
+
+
+def test_pil_bomb_warning_and_error_become_errors():
+    limit = Image.MAX_IMAGE_PIXELS
+    filters = list(warnings.filters)
+    # Between PIL's limit and twice it PIL only warns: refused anyway.
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(png_header_only(10_000, 10_000), max_pixels=10**12)
+    with pytest.raises(ImageDecodeError, match="decompression bomb"):
+        decode_image(png_header_only(40_000, 40_000), max_pixels=10**12)
+    assert Image.MAX_IMAGE_PIXELS == limit  # no global state changed
+    assert list(warnings.filters) == filters
+
+
+# ---------------------------------------------------------------------------------------------
+# SA-1B json
+
+
+def test_sam_json_valid():
+    data = sam_json(7, 24, 32, [(0, 12, 0, 16), (12, 24, 16, 32), (5, 6, 3, 4)])
+    masks = decode_sam_json(data, 32, 24)
+    assert [m.area for m in masks] == [192, 192, 1]
+    assert masks[0] == SamMask(
+        rle=rect_rle(24, 32, 0, 12, 0, 16),
+        bbox=(0.0, 0.0, 16.0, 12.0),
+        area=192,
+        predicted_iou=0.9,
+        stability_score=0.95,
+    )
+    assert masks[2].bbox == (3.0, 5.0, 1.0, 1.0)
+    assert [m.predicted_iou for m in masks] == pytest.approx([0.9, 0.89, 0.88])
+    assert decode_sam_json(json.loads(data), 32, 24) == masks  # parsed input accepted
+    assert decode_sam_json(b'{"annotations": []}', 32, 24) == []
+
+
+def test_sam_json_bbox_computed_when_missing_and_optional_scores():
+    doc = {"annotations": [{"segmentation": rect_rle(24, 32, 2, 5, 7, 10)}]}
+    (mask,) = decode_sam_json(json.dumps(doc), 32, 24)
+    assert mask.bbox == (7.0, 2.0, 3.0, 3.0) and mask.area == 9
+    assert mask.predicted_iou is None and mask.stability_score is None
+
+
+def test_sam_json_uncompressed_rle_and_polygons():
+    dense = np.zeros((4, 5), np.uint8)
+    dense[1:3, 2:4] = 1
+    counts = [9, 2, 2, 2, 5]  # column-major runs of the mask above
+    doc = {
+        "annotations": [
+            {"segmentation": {"size": [4, 5], "counts": counts}},
+            {"segmentation": [[1, 1, 4, 1, 4, 3, 1, 3]]},
+        ]
+    }
+    rle_mask, poly_mask = decode_sam_json(json.dumps(doc), 5, 4)
+    coco = {"size": [4, 5], "counts": rle_mask.rle["counts"].encode()}
+    np.testing.assert_array_equal(mask_utils.decode(coco), dense)
+    assert rle_mask.area == 4
+    poly = mask_utils.merge(mask_utils.frPyObjects([[1, 1, 4, 1, 4, 3, 1, 3]], 4, 5))
+    assert poly_mask.area == int(mask_utils.area(poly)) and isinstance(poly_mask.rle["counts"], str)
+
+
+@pytest.mark.parametrize(
+    ("doc", "reason"),
+    [
+        (b"", "empty mask json"),
+        (b"{not json", "invalid mask json"),
+        (b"\xff\xfe", "invalid mask json"),
+        (b"[1, 2]", "must be an object"),
+        (b'{"image": {}}', "no 'annotations' list"),
+        (b'{"annotations": [5]}', "annotation 0: expected an object"),
+        (b'{"annotations": [{"segmentation": "x"}]}', "annotation 0: segmentation is not"),
+        (b'{"annotations": [{"segmentation": {"size": [24], "counts": "a"}}]}', "invalid rle size"),
+        (b'{"annotations": [{"segmentation": [[1, 2, 3]]}]}', "malformed polygon"),
+    ],
+)
+def test_sam_json_malformed(doc, reason):
+    with pytest.raises(MaskDecodeError) as info:
+        decode_sam_json(doc, 32, 24)
+    assert reason in info.value.reason.lower()
+
+
+def test_sam_json_wrong_size():
+    ok = json.loads(sam_json(1, 24, 32, [(0, 4, 0, 4)]))
+    other = json.loads(sam_json(1, 48, 64, [(0, 4, 0, 4)]))
+    with pytest.raises(
+        MaskDecodeError, match="mask json is for a 64x48 image but the image is 32x24"
+    ):
+        decode_sam_json(json.dumps(other), 32, 24)
+    del other["image"]  # no image block: the first annotation's size is caught
+    doc = {"annotations": ok["annotations"] + other["annotations"]}
+    with pytest.raises(MaskDecodeError, match=r"annotation 1: mask size 48x64 \(h x w\)"):
+        decode_sam_json(json.dumps(doc), 32, 24)
+    transposed = json.loads(sam_json(1, 32, 24, [(0, 4, 0, 4)]))
+    with pytest.raises(MaskDecodeError, match="swapped: was it made before applying EXIF"):
+        decode_sam_json(json.dumps(transposed), 32, 24)
+
+
+def _doc_with_counts(counts: list[str], size=(24, 32)) -> str:
+    anns = [{"segmentation": {"size": list(size), "counts": c}} for c in counts]
+    return json.dumps({"annotations": anns})
+
+
+def test_sam_json_malformed_counts_name_the_annotation():
+    good = rect_rle(24, 32, 0, 12, 0, 16)["counts"]
+    smaller = rect_rle(24, 31, 0, 12, 0, 16)["counts"]  # covers 24 * 31 pixels
+    cases = [
+        (good[:-1] + chr(48 + 0x20), "end inside a number"),
+        (good + "~", "invalid character"),
+        (smaller, "runs cover 744 pixels, the image has 768"),
+        ("", "empty rle counts"),
+        ("é", "not ascii"),
+        (chr(48 + 0x10), "negative run length"),  # a single run of -16
+        ("0" + "o" * 7 + "0", "out of range"),
+    ]
+    for bad, reason in cases:
+        with pytest.raises(MaskDecodeError) as info:
+            decode_sam_json(_doc_with_counts([good, good, bad]), 32, 24)
+        message = info.value.reason.lower()
+        assert message.startswith("annotation 2: ") and reason in message, (bad, message)
+
+
+def test_counts_parser_matches_dense_masks():
+    """Brute force: the vectorized parser's areas equal dense pixel sums, for many shapes."""
+    rng = np.random.default_rng(0)
+    for height, width in [(1, 1), (7, 5), (40, 33), (128, 96)]:
+        masks = [np.zeros((height, width), np.uint8), np.ones((height, width), np.uint8)]
+        for density in (0.02, 0.5, 0.97):
+            masks.append((rng.random((height, width)) < density).astype(np.uint8))
+        block = np.zeros((height, width), np.uint8)
+        block[height // 3 :, width // 4 : width // 2 + 1] = 1
+        masks.append(block)
+        rles = mask_utils.encode(np.asfortranarray(np.stack(masks, axis=2)))
+        areas = _validate_counts([r["counts"].decode() for r in rles], height * width)
+        assert areas.tolist() == [int(m.sum()) for m in masks]
