@@ -1,0 +1,276 @@
+"""The Ray labeler: a callable class that labels batches of decoded images with HIPIE.
+
+``__init__`` builds HIPIE (and the optional CLIP model and SAM) once per actor; ``__call__`` takes a
+batch of rows from ``pipeline.job.decode_record`` and returns schema-v1 rows as an Arrow table (plus
+the end-marker columns that the job's driver uses to close shards).
+
+Per image:
+1. HIPIE's hierarchy on one image encoding: the things+stuff pass and the part pass (Sec. 3.7).
+2. Class-agnostic masks: the image's SA-1B masks when the source has them, else SAM's automatic
+   mask generator when a SAM checkpoint is configured, else none.
+3. With masks: the vote (Eq. 5) gives each mask class probabilities, a level and a parent; for the
+   ``replace_classes`` (e.g. person, bird) HIPIE's own masks and parts replace SAM's (App. A.8.2).
+   Without masks: HIPIE's hierarchy is the output.
+A failure on one image becomes that image's ``error`` row; the batch goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import traceback
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+
+import schemas
+from pipeline.job import COUNT, END, LabelJobConfig
+from schemas import rle as rle_utils
+
+ROW_SCHEMA = schemas.LABELS_V1.append(pa.field(END, pa.bool_())).append(pa.field(COUNT, pa.int64()))
+
+
+def model_name(checkpoint: str) -> str:
+    """How the provenance column names the model."""
+    return f"hipie:{checkpoint}"
+
+
+def load_model(checkpoint: str):
+    """``tiny`` (shipped weights), ``random:<preset>`` (untrained, for benchmarks) or a folder."""
+    from hipie import build_hipie
+
+    if checkpoint.startswith("random:"):
+        return build_hipie(checkpoint.split(":", 1)[1])
+    return build_hipie(checkpoint=checkpoint)
+
+
+def load_clip(spec: str | None, device: str):
+    """``MODEL:PRETRAINED`` (an open_clip name and a tag or local file) or None."""
+    if not spec:
+        return None
+    from hipie.clip_ensemble import ClipMaskClassifier
+
+    name, _, pretrained = spec.partition(":")
+    return ClipMaskClassifier(model_name=name, pretrained=pretrained or None, device=device)
+
+
+def segments_to_masks(seg, *, topk: int, sam_records=None) -> list[dict]:
+    """A predictor ``Segments`` as schema mask structs (mask ids = positions)."""
+    n = len(seg)
+    if n == 0:
+        return []
+    if seg.rles is not None:
+        rles = seg.rles
+    else:
+        rles = rle_utils.encode_many(seg.masks.detach().cpu().numpy())
+    probs = seg.probs.detach().float().cpu()
+    k = min(topk, probs.shape[1]) if probs.ndim == 2 else 0
+    top_scores, top_ids = probs.topk(k, dim=1) if k else (None, None)
+    parents = seg.parents.tolist()
+    scores = seg.scores.detach().float().cpu().clamp(0, 1).tolist()
+    out = []
+    for i in range(n):
+        labels, values = [], []
+        if k:
+            for s, j in zip(top_scores[i].tolist(), top_ids[i].tolist()):
+                if s > 0:
+                    labels.append(seg.vocabulary[j])
+                    values.append(min(max(s, 0.0), 1.0))
+        sam = sam_records[i] if sam_records is not None else None
+        label = seg.labels[i] or "other"
+        out.append(
+            schemas.make_mask(
+                mask_id=i,
+                rle=rles[i],
+                level=seg.level[i],
+                label=label,
+                score=scores[i] if seg.labels[i] else 0.0,
+                origin="sam" if sam_records is not None else "hipie",
+                topk_labels=labels,
+                topk_scores=values,
+                parent_id=parents[i] if parents[i] >= 0 else None,
+                sam_iou=None if sam is None else sam.get("predicted_iou"),
+                sam_stability=None if sam is None else sam.get("stability_score"),
+                bbox=None if sam is None else sam.get("bbox"),
+                area=None if sam is None else sam.get("area"),
+            )
+        )
+    return out
+
+
+def replace_classes(sam_masks: list[dict], hier_masks: list[dict], classes: set[str]) -> list[dict]:
+    """App. A.8.2: HIPIE's masks (and their parts) replace SAM's for ``classes``.
+
+    SAM masks labeled with one of ``classes`` are dropped with every mask below them; HIPIE's
+    instances of those classes are added with their parts and subparts. Mask ids are renumbered
+    and parent links remapped.
+    """
+    if not classes:
+        return sam_masks
+    by_id = {m["mask_id"]: m for m in sam_masks}
+
+    def root_label(m: dict, table: dict) -> str:
+        while m["parent_id"] is not None and m["parent_id"] in table:
+            m = table[m["parent_id"]]
+        return m["label"]
+
+    kept = [
+        m
+        for m in sam_masks
+        if not (m["level"] == "instance" and m["label"] in classes)
+        and not (m["parent_id"] is not None and root_label(m, by_id) in classes)
+    ]
+    hier_by_id = {m["mask_id"]: m for m in hier_masks}
+    added = [
+        m for m in hier_masks if m["level"] != "stuff" and root_label(m, hier_by_id) in classes
+    ]
+    result, new_ids = [], {}
+    for source, masks in (("sam", kept), ("hipie", added)):
+        for m in masks:
+            new_ids[(source, m["mask_id"])] = len(result)
+            result.append(dict(m))
+    for r, (source, m) in zip(result, [("sam", m) for m in kept] + [("hipie", m) for m in added]):
+        r["mask_id"] = new_ids[(source, m["mask_id"])]
+        r["parent_id"] = (
+            new_ids.get((source, m["parent_id"])) if m["parent_id"] is not None else None
+        )
+    return result
+
+
+class Labeler:
+    """Ray Data callable class: decoded images in, schema-v1 rows out (see module docstring)."""
+
+    def __init__(self, config: LabelJobConfig) -> None:
+        import torch
+
+        use_gpu = config.gpus_per_actor > 0 and torch.cuda.is_available()
+        self.device = "cuda" if use_gpu else "cpu"
+        self.config = config
+        vocabulary = config.vocabulary
+        self.things = list(vocabulary.things)
+        self.stuff = list(vocabulary.stuff)
+        self.parts = list(vocabulary.parts)
+        self.vocabulary_hash = vocabulary.hash
+        self.model = model_name(config.checkpoint)
+        self.replace = set(config.replace_classes)
+        from hipie import HipiePredictor
+
+        self.predictor = HipiePredictor(
+            load_model(config.checkpoint),
+            device=self.device,
+            clip=load_clip(config.clip, self.device),
+        )
+        self.sam = None
+        if config.sam_checkpoint:
+            from pipeline.sam import BatchedMaskGenerator, build_sam
+
+            self.sam = BatchedMaskGenerator(
+                build_sam(config.sam_model_type, config.sam_checkpoint, self.device)
+            )
+
+    def _hierarchy(self, images: list[np.ndarray]):
+        if self.parts:
+            return self.predictor.hierarchy_batch(images, self.things, self.stuff, self.parts)
+        return self.predictor.panoptic_batch(images, self.things, self.stuff)
+
+    def label_images(self, images: list[np.ndarray], sam_lists: list[list[dict] | None]):
+        """Mask structs per image; ``sam_lists[i]`` is the image's class-agnostic masks or None."""
+        if self.sam is not None:
+            missing = [i for i, s in enumerate(sam_lists) if s is None]
+            if missing:
+                generated = self.sam.generate_batch([images[i] for i in missing])
+                for i, masks in zip(missing, generated):
+                    sam_lists[i] = [
+                        {
+                            "rle": m.rle,
+                            "bbox": list(m.bbox),
+                            "area": m.area,
+                            "predicted_iou": m.predicted_iou,
+                            "stability_score": m.stability_score,
+                        }
+                        for m in masks
+                    ]
+        hierarchies = self._hierarchy(images)
+        results = []
+        for h, sam in zip(hierarchies, sam_lists):
+            hier_masks = segments_to_masks(h, topk=self.config.topk)
+            if not sam:
+                results.append(hier_masks)
+                continue
+            voted = self.predictor.vote_from_hierarchy(h, [s["rle"] for s in sam], self.things)
+            sam_masks = segments_to_masks(voted, topk=self.config.topk, sam_records=sam)
+            results.append(replace_classes(sam_masks, hier_masks, self.replace))
+        return results
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["shard"])
+        now = datetime.now(timezone.utc)
+        rows: list[dict | None] = [None] * n
+        todo = []
+        for i in range(n):
+            common = {
+                "image_id": str(batch["image_id"][i]),
+                "uri": str(batch["uri"][i]),
+                "shard": str(batch["shard"][i]),
+            }
+            if batch[END][i]:
+                row = schemas.make_error_row(**common, error="end of shard", labeled_at=now)
+                rows[i] = {**row, END: True, COUNT: int(batch[COUNT][i])}
+            elif batch["error"][i]:
+                row = schemas.make_error_row(
+                    **common,
+                    error=str(batch["error"][i]),
+                    model=self.model,
+                    vocabulary_hash=self.vocabulary_hash,
+                    labeled_at=now,
+                )
+                rows[i] = {**row, END: False, COUNT: 0}
+            else:
+                todo.append(i)
+        if todo:
+            images = [np.asarray(batch["image"][i]) for i in todo]
+            sams = [
+                json.loads(batch["sam_masks"][i]) if batch["sam_masks"][i] else None for i in todo
+            ]
+            try:
+                labeled = self.label_images(images, sams)
+                failures = [None] * len(todo)
+            except Exception:  # noqa: BLE001 - retry one by one so one bad image costs one row
+                labeled, failures = [], []
+                for img, sam in zip(images, sams):
+                    try:
+                        labeled.extend(self.label_images([img], [sam]))
+                        failures.append(None)
+                    except Exception as exc:  # noqa: BLE001
+                        labeled.append([])
+                        failures.append(f"labeling failed: {type(exc).__name__}: {exc}")
+                        traceback.print_exc()
+            for i, img, masks, failure in zip(todo, images, labeled, failures):
+                common = {
+                    "image_id": str(batch["image_id"][i]),
+                    "uri": str(batch["uri"][i]),
+                    "shard": str(batch["shard"][i]),
+                }
+                h, w = img.shape[:2]
+                if failure:
+                    row = schemas.make_error_row(
+                        **common,
+                        error=failure,
+                        width=w,
+                        height=h,
+                        model=self.model,
+                        vocabulary_hash=self.vocabulary_hash,
+                        labeled_at=now,
+                    )
+                else:
+                    row = schemas.make_ok_row(
+                        **common,
+                        width=w,
+                        height=h,
+                        masks=masks,
+                        model=self.model,
+                        vocabulary_hash=self.vocabulary_hash,
+                        labeled_at=now,
+                    )
+                rows[i] = {**row, END: False, COUNT: 0}
+        return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
