@@ -26,6 +26,7 @@ from hipie.config import (
 from hipie.modeling.model import HipieModel
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+TEXT_BERT_PREFIX = "text_encoder.bert."  # state-dict keys of the BERT-family text encoder
 BERT_BASE = "bert-base-uncased"
 
 
@@ -226,10 +227,20 @@ def build_hipie(
                     config.text_encoder, tokenizer=str(path / "tokenizer")
                 ),
             )
-        model = _build_model(config, load_text_weights=False)
-        from safetensors.torch import load_model
+        # A checkpoint without BERT weights (saved with include_text_encoder=False) takes them
+        # from the pretrained text encoder its config names.
+        from safetensors.torch import load_file
 
-        load_model(model, str(path / "model.safetensors"), strict=True)
+        state = load_file(str(path / "model.safetensors"))
+        has_bert = any(k.startswith(TEXT_BERT_PREFIX) for k in state)
+        model = _build_model(config, load_text_weights=not has_bert)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing = [k for k in missing if has_bert or not k.startswith(TEXT_BERT_PREFIX)]
+        if missing or unexpected:
+            raise RuntimeError(
+                f"checkpoint {path} does not fit its config: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
         return model.eval()
     if isinstance(preset_or_config, str):
         if preset_or_config not in PRESETS:
@@ -247,23 +258,38 @@ def build_hipie(
     return _build_model(config, load_text_weights=True).eval()
 
 
-def save_checkpoint(model: HipieModel, path_dir: str | Path) -> Path:
-    """Write `model.safetensors`, `config.json` and `tokenizer/` into `path_dir` (created)."""
-    from safetensors.torch import save_model
+def save_checkpoint(
+    model: HipieModel, path_dir: str | Path, *, include_text_encoder: bool = True
+) -> Path:
+    """Write `model.safetensors`, `config.json` and `tokenizer/` into `path_dir` (created).
+
+    With ``include_text_encoder=False`` the BERT weights are left out and the config keeps
+    pointing at the pretrained text encoder (e.g. the offline MiniLM), which is loaded from there
+    again; use it when the text encoder was frozen during training, so that a checkpoint does not
+    carry a copy of weights that are installed anyway (the shipped tiny model stays a few MB).
+    """
+    from safetensors.torch import save_file
 
     path = Path(path_dir)
     path.mkdir(parents=True, exist_ok=True)
-    bert_config = {
-        k: v
-        for k, v in model.text_encoder.bert.config.to_dict().items()
-        if not k.startswith("_")
-        and k not in ("transformers_version", "architectures", "dtype", "torch_dtype")
-    }
-    text = dataclasses.replace(
-        model.config.text_encoder, pretrained=False, bert_config=bert_config, tokenizer=None
-    )
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if include_text_encoder:
+        bert_config = {
+            k: v
+            for k, v in model.text_encoder.bert.config.to_dict().items()
+            if not k.startswith("_")
+            and k not in ("transformers_version", "architectures", "dtype", "torch_dtype")
+        }
+        text = dataclasses.replace(
+            model.config.text_encoder, pretrained=False, bert_config=bert_config, tokenizer=None
+        )
+    else:
+        if not model.config.text_encoder.pretrained:
+            raise ValueError("a randomly initialised text encoder must be saved with the model")
+        state = {k: v for k, v in state.items() if not k.startswith(TEXT_BERT_PREFIX)}
+        text = model.config.text_encoder
     config = dataclasses.replace(model.config, text_encoder=text)
-    save_model(model, str(path / "model.safetensors"))
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     model.text_encoder.tokenizer.save_pretrained(str(path / "tokenizer"))
     return path

@@ -236,6 +236,24 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     assert not torch.allclose(different.things.logits, want.things.logits)
 
 
+def test_checkpoint_without_text_encoder_weights(tmp_path, tiny):
+    """A frozen pretrained text encoder is not copied into the checkpoint but reloaded."""
+    images = _images(1)
+    with torch.no_grad():
+        want = tiny(images, [(128, 128)], VOCAB)
+    full = save_checkpoint(tiny, tmp_path / "full")
+    slim = save_checkpoint(tiny, tmp_path / "slim", include_text_encoder=False)
+    full_size = (full / "model.safetensors").stat().st_size
+    slim_size = (slim / "model.safetensors").stat().st_size
+    bert_params = sum(p.numel() for p in tiny.text_encoder.bert.parameters())
+    assert full_size - slim_size >= 4 * bert_params  # float32 BERT weights left out
+    loaded = build_hipie(checkpoint=str(slim))
+    with torch.no_grad():
+        got = loaded(images, [(128, 128)], VOCAB)
+    assert torch.equal(got.things.logits, want.things.logits)
+    assert torch.equal(got.stuff.masks, want.stuff.masks)
+
+
 def test_shipped_tiny_checkpoint_or_clear_error():
     if (WEIGHTS_DIR / "tiny" / "model.safetensors").is_file():
         assert build_hipie(checkpoint="tiny").config.name == "tiny"
