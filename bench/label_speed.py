@@ -58,18 +58,30 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     shards = make_shards(
-        Path(args.data), images=args.images, per_shard=args.per_shard,
-        width=args.width, height=args.height,
+        Path(args.data),
+        images=args.images,
+        per_shard=args.per_shard,
+        width=args.width,
+        height=args.height,
     )
     print(f"{len(shards)} shards ready in {time.perf_counter() - t0:.1f} s")
     from jobs import label
 
     argv_label = [a for s in shards for a in ("--input", s)] + [
-        "--output", args.out, "--overwrite", "--checkpoint", args.checkpoint,
-        "--vocabulary", str(Path(__file__).resolve().parents[1] / "pipeline" / "vocabularies"
-                            / "synthetic.yaml"),
-        "--batch-size", str(args.batch_size), "--actors", str(args.actors),
-        "--cpus-per-actor", str(args.cpus_per_actor), "--no-progress",
+        "--output",
+        args.out,
+        "--overwrite",
+        "--checkpoint",
+        args.checkpoint,
+        "--vocabulary",
+        str(Path(__file__).resolve().parents[1] / "pipeline" / "vocabularies" / "synthetic.yaml"),
+        "--batch-size",
+        str(args.batch_size),
+        "--actors",
+        str(args.actors),
+        "--cpus-per-actor",
+        str(args.cpus_per_actor),
+        "--no-progress",
     ]
     if args.gpus_per_actor is not None:
         argv_label += ["--gpus-per-actor", str(args.gpus_per_actor)]

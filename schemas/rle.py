@@ -76,7 +76,9 @@ def iou_matrix(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
         return np.zeros((len(a), len(b)), dtype=np.float64)
     ca = [_to_coco(r) for r in a]
     cb = [_to_coco(r) for r in b]
-    return np.asarray(mask_utils.iou(ca, cb, [0] * len(cb)), dtype=np.float64).reshape(len(a), len(b))
+    return np.asarray(mask_utils.iou(ca, cb, [0] * len(cb)), dtype=np.float64).reshape(
+        len(a), len(b)
+    )
 
 
 def run_lengths(rle: dict) -> list[int]:

@@ -18,7 +18,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 def coco_sample() -> Path:
     """The COCO panoptic sample (2 photos + ground truth) beside the checkout."""
     if not COCO_SAMPLE.is_dir():
-        pytest.fail(f"COCO sample not found at {COCO_SAMPLE}: the shared/ folder must sit beside the repo")
+        pytest.fail(
+            f"COCO sample not found at {COCO_SAMPLE}: the shared/ folder must sit beside the repo"
+        )
     return COCO_SAMPLE
 
 

@@ -33,9 +33,7 @@ def predictor():
 def _hierarchy() -> Segments:
     """What `hierarchy` would return: robot + sky, then the disjoint fine parts head and eye."""
     masks = torch.stack([ROBOT, SKY, HEAD & ~EYE, EYE])
-    probs = torch.tensor(
-        [[0.9, 0.1, 0, 0], [0.2, 0.8, 0, 0], [0, 0, 0.7, 0.3], [0, 0, 0.4, 0.6]]
-    )
+    probs = torch.tensor([[0.9, 0.1, 0, 0], [0.2, 0.8, 0, 0], [0, 0, 0.7, 0.3], [0, 0, 0.4, 0.6]])
     return Segments(
         masks=masks,
         boxes=torch.zeros(4, 4),

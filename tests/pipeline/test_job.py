@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pytest
 from PIL import Image
 
 import schemas
@@ -173,13 +172,33 @@ def test_killed_driver_then_rerun_has_no_missing_and_no_duplicated_rows(ray_loca
     folder = _photo_folder(tmp_path / "photos", n)
     out = tmp_path / "labels"
     cmd = [
-        sys.executable, "-m", "jobs.label", "--input", str(folder), "--output", str(out),
-        "--checkpoint", "random:tiny", "--shard-size", "2", "--batch-size", "1",
-        "--things", "robot", "car", "--stuff", "sky", "--parts", "head",
-        "--address", ray.get_runtime_context().gcs_address, "--no-progress",
+        sys.executable,
+        "-m",
+        "jobs.label",
+        "--input",
+        str(folder),
+        "--output",
+        str(out),
+        "--checkpoint",
+        "random:tiny",
+        "--shard-size",
+        "2",
+        "--batch-size",
+        "1",
+        "--things",
+        "robot",
+        "car",
+        "--stuff",
+        "sky",
+        "--parts",
+        "head",
+        "--address",
+        ray.get_runtime_context().gcs_address,
+        "--no-progress",
     ]
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
         if out.exists() and len(list(out.glob("*.parquet"))) >= 1:

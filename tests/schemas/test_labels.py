@@ -23,32 +23,65 @@ def _masks():
     """One mask of each level and origin: a stuff region, an instance, its part and subpart."""
     return [
         schemas.make_mask(
-            mask_id=0, rle=_mask(0, 8, 0, 32), level="stuff", label="sky", score=0.9,
-            origin="hipie", topk_labels=["sky", "wall"], topk_scores=[0.9, 0.05],
+            mask_id=0,
+            rle=_mask(0, 8, 0, 32),
+            level="stuff",
+            label="sky",
+            score=0.9,
+            origin="hipie",
+            topk_labels=["sky", "wall"],
+            topk_scores=[0.9, 0.05],
         ),
         schemas.make_mask(
-            mask_id=1, rle=_mask(8, 24, 4, 20), level="instance", label="person", score=0.8,
-            origin="sam", sam_iou=0.95, sam_stability=0.97,
-            topk_labels=["person", "dog"], topk_scores=[0.8, 0.1],
+            mask_id=1,
+            rle=_mask(8, 24, 4, 20),
+            level="instance",
+            label="person",
+            score=0.8,
+            origin="sam",
+            sam_iou=0.95,
+            sam_stability=0.97,
+            topk_labels=["person", "dog"],
+            topk_scores=[0.8, 0.1],
         ),
         schemas.make_mask(
-            mask_id=2, rle=_mask(8, 12, 8, 16), level="part", label="person head", score=0.7,
-            origin="sam", parent_id=1, sam_iou=0.9, sam_stability=0.92,
+            mask_id=2,
+            rle=_mask(8, 12, 8, 16),
+            level="part",
+            label="person head",
+            score=0.7,
+            origin="sam",
+            parent_id=1,
+            sam_iou=0.9,
+            sam_stability=0.92,
         ),
         schemas.make_mask(
-            mask_id=3, rle=_mask(9, 10, 9, 11), level="subpart", label="person eye", score=0.6,
-            origin="hipie", parent_id=2,
+            mask_id=3,
+            rle=_mask(9, 10, 9, 11),
+            level="subpart",
+            label="person eye",
+            score=0.6,
+            origin="hipie",
+            parent_id=2,
         ),
     ]
 
 
 def _table():
     ok = schemas.make_ok_row(
-        image_id="img-1", uri="file:///data/img-1.jpg", shard="shard-0", width=W, height=H,
-        masks=_masks(), model="hipie-tiny", vocabulary_hash="abc",
+        image_id="img-1",
+        uri="file:///data/img-1.jpg",
+        shard="shard-0",
+        width=W,
+        height=H,
+        masks=_masks(),
+        model="hipie-tiny",
+        vocabulary_hash="abc",
     )
     bad = schemas.make_error_row(
-        image_id="img-2", uri="file:///data/img-2.jpg", shard="shard-0",
+        image_id="img-2",
+        uri="file:///data/img-2.jpg",
+        shard="shard-0",
         error="cannot decode image: truncated JPEG",
     )
     return schemas.rows_to_table([ok, bad])
@@ -110,7 +143,9 @@ def test_wrong_type_is_named():
 
 def test_rle_size_disagreeing_with_image_is_named():
     wrong = rle.encode(np.ones((H + 1, W), bool))
-    with pytest.raises(schemas.SchemaError, match=r"row 0 \(image_id 'img-1'\): masks\[1\]\.rle size"):
+    with pytest.raises(
+        schemas.SchemaError, match=r"row 0 \(image_id 'img-1'\): masks\[1\]\.rle size"
+    ):
         schemas.validate_table(_with_mask_field("rle", wrong))
 
 

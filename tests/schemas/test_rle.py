@@ -14,7 +14,9 @@ def _panoptic_segments(coco_sample):
     """Yield (segment info, (H, W) bool mask) for every segment of the sample's PNGs."""
     data = json.loads((coco_sample / "panoptic_examples.json").read_text())
     for ann in data["annotations"]:
-        png = np.asarray(Image.open(coco_sample / "panoptic_examples" / ann["file_name"]), np.uint32)
+        png = np.asarray(
+            Image.open(coco_sample / "panoptic_examples" / ann["file_name"]), np.uint32
+        )
         ids = png[..., 0] + 256 * png[..., 1] + 256 * 256 * png[..., 2]
         for seg in ann["segments_info"]:
             yield seg, ids == seg["id"]
