@@ -1,0 +1,100 @@
+"""The labeler in-process (no Ray): rows from decoded records, and the App. A.8.2 replacement."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import schemas
+from hipie.training.synthetic import SceneGenerator, write_sa1b_shard
+from pipeline import sources
+from pipeline.job import COUNT, END, LabelJobConfig, decode_record, read_shard
+from pipeline.labeler import Labeler, replace_classes
+from pipeline.vocabulary import Vocabulary
+from schemas import rle
+
+
+def _m(mask_id, level, label, parent=None, origin="sam"):
+    mask = np.zeros((8, 8), bool)
+    mask[mask_id, :] = True
+    return schemas.make_mask(
+        mask_id=mask_id,
+        rle=rle.encode(mask),
+        level=level,
+        label=label,
+        score=0.5,
+        origin=origin,
+        parent_id=parent,
+    )
+
+
+def test_replace_classes_swaps_sam_masks_of_those_classes_for_hipie_ones():
+    sam = [
+        _m(0, "instance", "person"),
+        _m(1, "part", "person head", parent=0),
+        _m(2, "instance", "car"),
+        _m(3, "part", "car wheel", parent=2),
+        _m(4, "stuff", "sky"),
+    ]
+    hipie = [
+        _m(0, "instance", "person", origin="hipie"),
+        _m(1, "part", "person head", parent=0, origin="hipie"),
+        _m(2, "subpart", "person eye", parent=1, origin="hipie"),
+        _m(3, "instance", "car", origin="hipie"),
+        _m(4, "stuff", "sky", origin="hipie"),
+    ]
+    out = replace_classes(sam, hipie, {"person"})
+    got = [(m["mask_id"], m["label"], m["origin"], m["parent_id"]) for m in out]
+    assert got == [
+        (0, "car", "sam", None),
+        (1, "car wheel", "sam", 0),
+        (2, "sky", "sam", None),
+        (3, "person", "hipie", None),
+        (4, "person head", "hipie", 3),
+        (5, "person eye", "hipie", 4),
+    ]
+    assert replace_classes(sam, hipie, set()) == sam
+
+
+@pytest.fixture(scope="module")
+def labeler():
+    vocab = Vocabulary.from_lists(things=["robot", "car"], stuff=["sky"], parts=["head", "wheel"])
+    config = LabelJobConfig(
+        inputs=(), output="unused", vocabulary_json=vocab.to_json(), checkpoint="random:tiny"
+    )
+    return Labeler(config)
+
+
+def test_labeler_turns_records_into_schema_rows(labeler, tmp_path):
+    tar = tmp_path / "sa_000000.tar"
+    write_sa1b_shard(SceneGenerator(seed=3).scenes(0, 1), tar)
+    with tarfile.open(tar, "a") as t:  # a corrupt image in the same shard
+        info = tarfile.TarInfo("sa_9.jpg")
+        info.size = 5
+        t.addfile(info, io.BytesIO(b"nope!"))
+    shard = sources.list_shards([str(tar)])[0]
+    records = [decode_record(r, max_pixels=10**8) for r in read_shard({"index": 0}, shards=[shard])]
+    batch = {k: np.array([r[k] for r in records], dtype=object) for k in records[0]}
+    table = labeler(batch)
+
+    assert table.num_rows == 3
+    rows = table.to_pylist()
+    assert [r[END] for r in rows] == [False, False, True]
+    assert rows[2][COUNT] == 2
+    ok, bad = rows[0], rows[1]
+    assert (ok["status"], ok["image_id"]) == ("ok", "sa_1")
+    sam_json = json.loads(records[0]["sam_masks"])
+    assert len(ok["masks"]) == len(sam_json) > 0  # one label per SA-1B mask, none dropped
+    assert [m["rle"] for m in ok["masks"]] == [m["rle"] for m in sam_json]
+    assert {m["origin"] for m in ok["masks"]} == {"sam"}
+    assert all(m["level"] in schemas.LEVELS for m in ok["masks"])
+    assert (bad["status"], bad["image_id"]) == ("error", "sa_9")
+    assert bad["error"].startswith("cannot decode image")
+    labels = table.drop_columns([END, COUNT]).slice(0, 2)
+    schemas.validate_table(labels.cast(schemas.LABELS_V1))
+    assert isinstance(table, pa.Table)
