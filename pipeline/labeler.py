@@ -159,6 +159,7 @@ class Labeler:
             load_model(config.checkpoint),
             device=self.device,
             clip=load_clip(config.clip, self.device),
+            precision="bf16" if use_gpu else "fp32",  # bf16 pays on GPUs, not on CPUs
         )
         self.sam = None
         if config.sam_checkpoint:
