@@ -236,8 +236,8 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
                 num_cpus=config.cpus_per_actor,
                 num_gpus=config.gpus_per_actor,
                 batch_format="numpy",
-                max_restarts=-1,
-                max_task_retries=-1,
+                # Ray Data restarts a dead labeler actor and retries its batches by default
+                # (max_restarts=-1, max_task_retries=-1): tests/pipeline/test_job.py kills one.
             )
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
