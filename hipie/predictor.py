@@ -671,7 +671,6 @@ class HipiePredictor:
                 probs[i] = v_obj.probs[i]
                 label_ids.append(obj_label)
                 scores.append(float(v_obj.scores[i]))
-        label_ids_t = torch.tensor(label_ids, dtype=torch.long, device=dev)
         parents = torch.full((S,), -1, dtype=torch.long, device=dev)
         part_i = [i for i, lv in enumerate(levels) if lv == "part"]
         inst_i = [i for i, lv in enumerate(levels) if lv == "instance" and label_ids[i] >= 0]
@@ -680,7 +679,11 @@ class HipiePredictor:
             for j, i in enumerate(part_i):
                 if local[j] >= 0:
                     parents[i] = inst_i[int(local[j])]
+        self._restrict_parts_to_parent(
+            h.vocabulary, things, part_i, parents, probs, label_ids, scores
+        )
         self._nest_subparts(sam, part_i, levels, parents)
+        label_ids_t = torch.tensor(label_ids, dtype=torch.long, device=dev)
         boxes = self._sam_boxes(sam, is_rle, dev)
         return Segments(
             masks=torch.zeros(S, 0, 0, dtype=torch.bool, device=dev) if is_rle else sam,
@@ -695,6 +698,37 @@ class HipiePredictor:
             vocabulary=h.vocabulary,
             rles=list(sam) if is_rle else None,
         )
+
+    @staticmethod
+    def _restrict_parts_to_parent(
+        vocabulary: list[str],
+        things: Sequence[str],
+        part_i: list[int],
+        parents: torch.Tensor,
+        probs: torch.Tensor,
+        label_ids: list[int],
+        scores: list[float],
+    ) -> None:
+        """A part lying in an instance labeled X can only be one of X's parts ("X head", ...):
+        its Eq. 5 distribution is restricted to those labels and renormalized (Sec. 3.7 pairs
+        each part with the instance it lies in). Parts whose vote has no mass on X's parts keep
+        their vote. Updates `probs`, `label_ids` and `scores` in place."""
+        from hipie.hierarchy import split_part_label
+
+        owner = [split_part_label(name, things)[0] for name in vocabulary]
+        for i in part_i:
+            p = int(parents[i])
+            if p < 0 or label_ids[p] < 0:
+                continue
+            thing = vocabulary[label_ids[p]]
+            allowed = torch.tensor([o == thing for o in owner], device=probs.device)
+            restricted = torch.where(allowed, probs[i], torch.zeros_like(probs[i]))
+            total = restricted.sum()
+            if total <= 0:
+                continue
+            probs[i] = restricted / total
+            label_ids[i] = int(probs[i].argmax())
+            scores[i] = float(probs[i].max())
 
     def _nest_subparts(
         self, sam, part_i: list[int], levels: list[str], parents: torch.Tensor

@@ -96,11 +96,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from jobs import label
 
-    checkpoint = args.checkpoint
-    if checkpoint == "tiny" and not (REPO / "hipie" / "weights" / "tiny" / "config.json").is_file():
-        # Only until the trained tiny model is committed: the labels are then meaningless.
-        print("the shipped tiny weights are missing: labeling with an untrained tiny model")
-        checkpoint = "random:tiny"
     work = Path(args.workdir).resolve()
     inputs = make_collection(work / "collection", num_scenes=args.num_scenes)
     output = work / "labels"
@@ -109,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         "--output",
         str(output),
         "--checkpoint",
-        checkpoint,
+        args.checkpoint,
         "--vocabulary",
         str(REPO / "pipeline" / "vocabularies" / "synthetic.yaml"),
         "--num-cpus",
