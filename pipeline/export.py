@@ -90,16 +90,8 @@ def rows_from_labels(labels: str | os.PathLike) -> tuple[list[dict], dict]:
 # --------------------------------------------------------------------------- categories
 def _object_of(mask: dict, by_id: Mapping[int, dict]) -> str | None:
     """The label of the instance above a part/subpart (None when it has none)."""
-    seen: set[int] = set()
-    current = mask
-    while current["parent_id"] is not None and current["parent_id"] in by_id:
-        if current["parent_id"] in seen:
-            return None
-        seen.add(current["parent_id"])
-        current = by_id[current["parent_id"]]
-        if current["level"] == "instance":
-            return current["label"]
-    return None
+    instance = schemas.instance_of(mask, by_id)
+    return None if instance is None else instance["label"]
 
 
 def category_key(mask: dict, by_id: Mapping[int, dict]) -> tuple[str, str, str]:

@@ -48,18 +48,6 @@ UNLABELED = ("", "other")  # labels that supervise nothing
 
 
 # --------------------------------------------------------------------------- vocabulary
-def _instance_of(mask: dict, by_id: Mapping[int, dict]) -> dict | None:
-    """The instance mask above a part or subpart (following parent ids), or None."""
-    seen: set[int] = set()
-    current = mask
-    while current["parent_id"] is not None and current["parent_id"] in by_id:
-        if current["parent_id"] in seen:
-            return None
-        seen.add(current["parent_id"])
-        current = by_id[current["parent_id"]]
-        if current["level"] == "instance":
-            return current
-    return None
 
 
 def part_class(label: str, instance_label: str) -> str:
@@ -135,7 +123,7 @@ def training_set_from_rows(
             elif m["level"] == "stuff":
                 stuff.setdefault(m["label"])
             else:
-                inst = _instance_of(m, by_id)
+                inst = schemas.instance_of(m, by_id)
                 if inst is None or not _usable(inst):
                     continue
                 parts.setdefault(part_class(m["label"], inst["label"]))
@@ -276,7 +264,7 @@ def row_to_sample(row: dict, image: np.ndarray, *, image_id: int = 0):
     for m in row["masks"]:
         if not _usable(m) or m["level"] not in ("part", "subpart"):
             continue
-        inst = _instance_of(m, by_id)
+        inst = schemas.instance_of(m, by_id)
         if inst is None or inst["mask_id"] not in thing_index:
             continue
         parts.append(rle_utils.decode(m["rle"]))

@@ -107,22 +107,18 @@ def replace_classes(sam_masks: list[dict], hier_masks: list[dict], classes: set[
     """
     if not classes:
         return sam_masks
-    by_id = {m["mask_id"]: m for m in sam_masks}
 
-    def root_label(m: dict, table: dict) -> str:
-        while m["parent_id"] is not None and m["parent_id"] in table:
-            m = table[m["parent_id"]]
-        return m["label"]
+    def object_label(m: dict, by_id: dict) -> str | None:
+        if m["level"] == "instance":
+            return m["label"]
+        instance = schemas.instance_of(m, by_id)
+        return None if instance is None else instance["label"]
 
-    kept = [
-        m
-        for m in sam_masks
-        if not (m["level"] == "instance" and m["label"] in classes)
-        and not (m["parent_id"] is not None and root_label(m, by_id) in classes)
-    ]
+    sam_by_id = {m["mask_id"]: m for m in sam_masks}
     hier_by_id = {m["mask_id"]: m for m in hier_masks}
+    kept = [m for m in sam_masks if object_label(m, sam_by_id) not in classes]
     added = [
-        m for m in hier_masks if m["level"] != "stuff" and root_label(m, hier_by_id) in classes
+        m for m in hier_masks if m["level"] != "stuff" and object_label(m, hier_by_id) in classes
     ]
     result, new_ids = [], {}
     for source, masks in (("sam", kept), ("hipie", added)):

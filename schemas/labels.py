@@ -110,6 +110,21 @@ def make_mask(
     }
 
 
+def instance_of(mask: Mapping[str, Any], by_id: Mapping[int, Mapping[str, Any]]) -> dict | None:
+    """The instance mask above a part or subpart, following ``parent_id`` links through
+    ``by_id`` (mask id -> mask of the same image); None when there is none or the links loop."""
+    seen: set[int] = set()
+    current = mask
+    while current["parent_id"] is not None and current["parent_id"] in by_id:
+        if current["parent_id"] in seen:
+            return None
+        seen.add(current["parent_id"])
+        current = by_id[current["parent_id"]]
+        if current["level"] == "instance":
+            return dict(current)
+    return None
+
+
 def _now() -> datetime:
     return datetime.now(timezone.utc)
 
