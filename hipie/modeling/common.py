@@ -60,3 +60,14 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     """Mean of `x` over `dim` counting only positions where `mask` (broadcastable) is True."""
     mask = mask.to(x.dtype)
     return (x * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def feed_forward(dim: int, ffn_dim: int, dropout: float) -> nn.Sequential:
+    """The transformer FFN: Linear(dim, ffn_dim) -> ReLU -> Dropout -> Linear(ffn_dim, dim),
+    on (..., dim) tensors."""
+    return nn.Sequential(
+        nn.Linear(dim, ffn_dim),
+        nn.ReLU(inplace=True),
+        nn.Dropout(dropout),
+        nn.Linear(ffn_dim, dim),
+    )

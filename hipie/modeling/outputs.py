@@ -49,6 +49,19 @@ class DecoderOutput:
     dn_meta: DenoisingMeta | None = None
     enc: DecoderOutput | None = None
 
+    @classmethod
+    def from_layers(cls, layers: list[DecoderOutput], **extra) -> DecoderOutput:
+        """The last layer's predictions with the earlier layers as `aux` (and `extra` fields)."""
+        last = layers[-1]
+        return cls(
+            logits=last.logits,
+            masks=last.masks,
+            boxes=last.boxes,
+            embeddings=last.embeddings,
+            aux=layers[:-1],
+            **extra,
+        )
+
 
 @dataclass(frozen=True)
 class HipieOutput:

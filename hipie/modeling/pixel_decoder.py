@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hipie.modeling.common import feature_map_pos
+from hipie.modeling.common import feature_map_pos, feed_forward
 from hipie.modeling.deform_attn import MSDeformAttn
 
 
@@ -75,12 +75,7 @@ class DeformableEncoderLayer(nn.Module):
             dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
         self.norm1 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(ffn_dim, dim),
-        )
+        self.ffn = feed_forward(dim, ffn_dim, dropout)
         self.norm2 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 

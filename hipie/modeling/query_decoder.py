@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hipie.modeling.common import MLP, inverse_sigmoid, sine_embed
+from hipie.modeling.common import MLP, feed_forward, inverse_sigmoid, sine_embed
 from hipie.modeling.deform_attn import MSDeformAttn
 from hipie.modeling.heads import ContrastiveClassifier, mask_logits
 from hipie.modeling.outputs import DecoderOutput
@@ -39,12 +39,7 @@ class DecoderLayer(nn.Module):
             dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
         )
         self.norm2 = nn.LayerNorm(dim)
-        self.ffn = nn.Sequential(
-            nn.Linear(dim, ffn_dim),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(ffn_dim, dim),
-        )
+        self.ffn = feed_forward(dim, ffn_dim, dropout)
         self.norm3 = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -244,12 +239,4 @@ class QueryDecoder(nn.Module):
         outs = self.run_layers(
             content, reference, feats, memory, label_emb, label_mask, None, self.training
         )
-        last = outs[-1]
-        return DecoderOutput(
-            logits=last.logits,
-            masks=last.masks,
-            boxes=last.boxes,
-            embeddings=last.embeddings,
-            aux=outs[:-1],
-            enc=enc if self.training else None,
-        )
+        return DecoderOutput.from_layers(outs, enc=enc if self.training else None)

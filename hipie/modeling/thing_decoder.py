@@ -148,21 +148,9 @@ class ThingDecoder(QueryDecoder):
         dn_out = None
         if dn is not None:
             dns = [split(o, slice(0, n_dn)) for o in outs]
-            last = dns[-1]
-            dn_out = DecoderOutput(
-                logits=last.logits,
-                masks=last.masks,
-                boxes=last.boxes,
-                embeddings=last.embeddings,
-                aux=dns[:-1],
-            )
-        last = match[-1]
-        return DecoderOutput(
-            logits=last.logits,
-            masks=last.masks,
-            boxes=last.boxes,
-            embeddings=last.embeddings,
-            aux=match[:-1],
+            dn_out = DecoderOutput.from_layers(dns)
+        return DecoderOutput.from_layers(
+            match,
             dn=dn_out,
             dn_meta=dn[2] if dn is not None else None,
             enc=enc if self.training else None,
