@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -509,23 +509,37 @@ class HipiePredictor:
 
     # ------------------------------------------------------------------ hierarchy
     def hierarchy_batch(
-        self, images: Sequence, things: Sequence[str], stuff: Sequence[str], parts: Sequence[str]
+        self,
+        images: Sequence,
+        things: Sequence[str],
+        stuff: Sequence[str],
+        parts: Sequence[str],
+        *,
+        thing_parts: Mapping[str, Sequence[str]] | None = None,
+        part_groups: Mapping[str, Sequence[str]] | None = None,
     ) -> list[Segments]:
         """Two passes on one image encoding (objects, then "<thing> <part>" prompts), parts
         assigned to instances and grouped into coarse parts (Sec. 3.7, Fig. 5).
+
+        `thing_parts` (thing -> its parts) limits the part prompts to those compositions (things
+        it does not list get no parts); None asks for every thing x part composition.
+        `part_groups` (coarse part -> its fine parts) forms the coarse level; None uses
+        `hipie.hierarchy.DEFAULT_PART_GROUPS`, {} forms no groups.
 
         Returns per image: the panoptic segments (level instance/stuff), then the fine parts
         (level "subpart" when a coarse group holds them, else "part"), then the coarse groups
         (level "part"); `parents` link subpart -> coarse part -> instance.
         """
-        from hipie.hierarchy import compose_part_prompts
+        from hipie.hierarchy import DEFAULT_PART_GROUPS, compose_part_prompts
 
         things, stuff, parts = list(things), list(stuff), list(parts)
         if not parts:
             raise ValueError("empty part vocabulary")
         if not things and not stuff:
             raise ValueError("empty vocabulary: give at least one thing or stuff label")
-        part_prompts = compose_part_prompts(things, parts) if things else parts
+        part_prompts = compose_part_prompts(things, parts, allowed=thing_parts) if things else parts
+        if not part_prompts:
+            raise ValueError("thing_parts gives none of these things a part")
         feats, infos, arrays = self._encode(images)
         panoptic = self._panoptic(feats, infos, arrays, things, stuff)
         part_segs = self._thing_task(None, part_prompts, "part", feats, infos, arrays)
@@ -533,15 +547,27 @@ class HipiePredictor:
         part_segs = [
             _filter(q, q.scores >= self.config.postprocess.score_threshold) for q in part_segs
         ]
-        return [self._combine(p, q) for p, q in zip(panoptic, part_segs)]
+        groups = DEFAULT_PART_GROUPS if part_groups is None else part_groups
+        return [self._combine(p, q, groups) for p, q in zip(panoptic, part_segs)]
 
     def hierarchy(
-        self, image, things: Sequence[str], stuff: Sequence[str], parts: Sequence[str]
+        self,
+        image,
+        things: Sequence[str],
+        stuff: Sequence[str],
+        parts: Sequence[str],
+        *,
+        thing_parts: Mapping[str, Sequence[str]] | None = None,
+        part_groups: Mapping[str, Sequence[str]] | None = None,
     ) -> Segments:
-        return self.hierarchy_batch([image], things, stuff, parts)[0]
+        return self.hierarchy_batch(
+            [image], things, stuff, parts, thing_parts=thing_parts, part_groups=part_groups
+        )[0]
 
     @staticmethod
-    def _combine(pan: Segments, part: Segments) -> Segments:
+    def _combine(
+        pan: Segments, part: Segments, part_groups: Mapping[str, Sequence[str]]
+    ) -> Segments:
         """Panoptic + parts (+ coarse groups) into one Segments with a joint vocabulary."""
         from hipie.hierarchy import assign_parents, group_parts
 
@@ -557,7 +583,7 @@ class HipiePredictor:
             )
         else:
             part_parent = torch.full((P,), -1, dtype=torch.long, device=pan.scores.device)
-        grouped = group_parts(part.masks, part.labels, part_parent)
+        grouped = group_parts(part.masks, part.labels, part_parent, part_groups)
         G = len(grouped.labels)
         coarse = [lbl for lbl in dict.fromkeys(grouped.labels)]
         vocab = pan.vocabulary + part.vocabulary + [c for c in coarse if c not in part.vocabulary]

@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
         "vocabulary (default: the 133 COCO-panoptic classes + shipped parts)"
     )
     vocab.add_argument(
-        "--vocabulary", metavar="FILE", help="YAML or text file with things/stuff/parts"
+        "--vocabulary",
+        metavar="FILE",
+        help="YAML or text file with things/stuff/parts (and optionally synonyms, part_groups, "
+        "thing_parts), or a shipped name: coco_panoptic, parts, synthetic",
     )
     vocab.add_argument(
         "--things", nargs="+", metavar="NAME", help="thing (countable object) classes"

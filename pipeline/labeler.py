@@ -146,6 +146,11 @@ class Labeler:
         self.things = list(vocabulary.things)
         self.stuff = list(vocabulary.stuff)
         self.parts = list(vocabulary.parts)
+        # thing -> its parts, or None for every composition; no part pass when it leaves none
+        self.thing_parts = dict(vocabulary.thing_parts) or None
+        self.part_groups = dict(vocabulary.part_groups)  # {}: no coarse level
+        if not vocabulary.part_prompts():
+            self.parts = []
         self.vocabulary_hash = vocabulary.hash
         self.model = model_name(config.checkpoint)
         self.replace = set(config.replace_classes)
@@ -167,7 +172,14 @@ class Labeler:
 
     def _hierarchy(self, images: list[np.ndarray]):
         if self.parts:
-            return self.predictor.hierarchy_batch(images, self.things, self.stuff, self.parts)
+            return self.predictor.hierarchy_batch(
+                images,
+                self.things,
+                self.stuff,
+                self.parts,
+                thing_parts=self.thing_parts,
+                part_groups=self.part_groups,
+            )
         return self.predictor.panoptic_batch(images, self.things, self.stuff)
 
     def label_images(self, images: list[np.ndarray], sam_lists: list[list[dict] | None]):

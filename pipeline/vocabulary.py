@@ -3,13 +3,17 @@
 A vocabulary has three sections: ``things`` (countable objects, labeled as instances), ``stuff``
 (amorphous regions: sky, road, ...) and ``parts`` (object parts, labeled in the part pass), plus
 optional ``synonyms`` (other names of a label, e.g. COCO's original "wall-other-merged" for
-"wall") and ``part_groups`` (coarse part -> the finer parts it is made of, for the subpart
-level). The order of each section is part of the vocabulary (it fixes class indices), so it is
+"wall"), ``part_groups`` (coarse part -> the finer parts it is made of, for the subpart
+level) and ``thing_parts`` (thing -> the parts it has). Without ``thing_parts`` the part pass
+asks for every thing x part composition ("car head" included); with it, only the listed ones, and
+things it does not list get no parts (as in Pascal-Panoptic-Parts, where a bottle has a cap and a
+banana has no parts). The order of each section is part of the vocabulary (it fixes class indices), so it is
 part of the hash.
 
 Shipped defaults live in ``pipeline/vocabularies/``: ``coco_panoptic`` (the 133 COCO-panoptic
-categories, 80 things + 53 stuff) and ``parts`` (a Pascal-Panoptic-Parts style part list).
-``load_vocabulary()`` with no argument returns both together.
+categories, 80 things + 53 stuff), ``parts`` (a Pascal-Panoptic-Parts style part list, with
+each thing's parts) and ``synthetic`` (the classes of the generated scenes the shipped ``tiny``
+model was trained on). ``load_vocabulary()`` with no argument returns the first two together.
 
 Users write their own as YAML::
 
@@ -18,6 +22,7 @@ Users write their own as YAML::
     parts: [head, wheel]
     synonyms: {road: [street]}
     part_groups: {head: [ear, eye]}
+    thing_parts: {person: [head, ear, eye], car: [wheel]}
 
 or as plain text, one class per line, ``#`` comments, optional section headers (lines before any
 header are things) and optional synonyms after a colon::
@@ -30,6 +35,8 @@ header are things) and optional synonyms after a colon::
     head
     [part_groups]
     head: ear, eye
+    [thing_parts]
+    person: head, ear, eye
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import yaml
 VOCABULARY_DIR = Path(__file__).resolve().parent / "vocabularies"
 SHIPPED = ("coco_panoptic", "parts")
 SECTIONS = ("things", "stuff", "parts")
-_TEXT_SECTIONS = ("things", "stuff", "parts", "synonyms", "part_groups")
+_TEXT_SECTIONS = ("things", "stuff", "parts", "synonyms", "part_groups", "thing_parts")
 # Keys a vocabulary YAML may hold besides the sections: informational, not part of the hash.
 _EXTRA_KEYS = ("name", "description", "coco_ids")
 
@@ -67,6 +74,7 @@ class Vocabulary:
     parts: tuple[str, ...] = ()  # part classes for the part pass (coarse and fine)
     synonyms: Pairs = ()  # (label, other names) pairs, sorted by label
     part_groups: Pairs = ()  # (coarse part, its finer parts) pairs, sorted by coarse part
+    thing_parts: Pairs = ()  # (thing, the parts it has) pairs, sorted by thing; () = all parts
 
     def __post_init__(self) -> None:
         for section in SECTIONS:
@@ -110,6 +118,20 @@ class Vocabulary:
                     raise VocabularyError(f"part group {coarse!r}: {name!r} is not in parts")
             if coarse in fine:
                 raise VocabularyError(f"part group {coarse!r} contains itself")
+        keys = [thing for thing, _ in self.thing_parts]
+        if keys != sorted(set(keys)):
+            raise VocabularyError("thing_parts must be unique (thing, parts) pairs sorted by thing")
+        things = set(self.things)
+        for thing, names in self.thing_parts:
+            _check_name(thing, "thing_parts")
+            # a part-only vocabulary (e.g. the shipped `parts`, merged with things later) may
+            # name things it does not hold; one with things may not (a typo would silently
+            # leave that thing without parts)
+            if things and thing not in things:
+                raise VocabularyError(f"thing_parts: {thing!r} is not one of the things")
+            for name in names:
+                if name not in parts:
+                    raise VocabularyError(f"thing_parts of {thing!r}: {name!r} is not in parts")
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -123,6 +145,23 @@ class Vocabulary:
         if label in self.stuff:
             return False
         raise KeyError(label)
+
+    def parts_of(self, thing: str) -> tuple[str, ...]:
+        """The parts the part pass asks for on ``thing`` (all parts when ``thing_parts`` is
+        empty; none for a thing it does not list)."""
+        if not self.thing_parts:
+            return self.parts
+        return dict(self.thing_parts).get(thing, ())
+
+    def part_prompts(self) -> list[str]:
+        """The part pass's labels: "<thing> <part>" for every thing and each of its parts
+        (Sec. 3.7), thing-major; the bare part names when there are no things."""
+        from hipie.hierarchy import compose_part_prompts
+
+        if not self.things:
+            return list(self.parts)
+        allowed = dict(self.thing_parts) if self.thing_parts else None
+        return compose_part_prompts(self.things, self.parts, allowed=allowed)
 
     def synonyms_of(self, label: str) -> tuple[str, ...]:
         """Other names of ``label`` (empty when it has none)."""
@@ -151,6 +190,12 @@ class Vocabulary:
             "parts": list(self.parts),
             "synonyms": {label: list(names) for label, names in self.synonyms},
             "part_groups": {coarse: list(fine) for coarse, fine in self.part_groups},
+            # only when given, so vocabularies without it keep the hash they always had
+            **(
+                {"thing_parts": {t: list(p) for t, p in self.thing_parts}}
+                if self.thing_parts
+                else {}
+            ),
         }
 
     def to_json(self) -> str:
@@ -191,12 +236,14 @@ class Vocabulary:
         for label, names in _as_mapping(data.get("synonyms"), "synonyms").items():
             synonyms.setdefault(label, []).extend(_as_names(names, label))
         groups = _as_mapping(data.get("part_groups"), "part_groups")
+        thing_parts = _as_mapping(data.get("thing_parts"), "thing_parts")
         return cls.from_lists(
             things=sections["things"],
             stuff=sections["stuff"],
             parts=sections["parts"],
             synonyms=synonyms,
             part_groups={k: _as_names(v, k) for k, v in groups.items()},
+            thing_parts={k: _as_names(v, k) for k, v in thing_parts.items()},
         )
 
     @classmethod
@@ -208,6 +255,7 @@ class Vocabulary:
         parts: Iterable[str] = (),
         synonyms: Mapping[str, Iterable[str]] | None = None,
         part_groups: Mapping[str, Iterable[str]] | None = None,
+        thing_parts: Mapping[str, Iterable[str]] | None = None,
     ) -> Vocabulary:
         """Build from plain lists (e.g. ``--things a b --stuff c``); names are stripped."""
         syn = {
@@ -222,6 +270,12 @@ class Vocabulary:
             part_groups=tuple(
                 sorted(
                     (k.strip(), tuple(n.strip() for n in v)) for k, v in (part_groups or {}).items()
+                )
+            ),
+            thing_parts=tuple(
+                sorted(
+                    (k.strip(), tuple(dict.fromkeys(n.strip() for n in v)))
+                    for k, v in (thing_parts or {}).items()
                 )
             ),
         )
@@ -239,6 +293,7 @@ def merge(*vocabularies: Vocabulary) -> Vocabulary:
     parts: dict[str, None] = {}
     synonyms: dict[str, list[str]] = {}
     groups: dict[str, tuple[str, ...]] = {}
+    thing_parts: dict[str, tuple[str, ...]] = {}
     for vocab in vocabularies:
         for label in vocab.things:
             if label not in stuff:
@@ -252,8 +307,17 @@ def merge(*vocabularies: Vocabulary) -> Vocabulary:
             synonyms.setdefault(label, []).extend(names)
         for coarse, fine in vocab.part_groups:
             groups.setdefault(coarse, fine)
+        for thing, names in vocab.thing_parts:
+            thing_parts.setdefault(thing, names)
+    if things:  # lists for things the merged vocabulary does not hold are dropped
+        thing_parts = {t: p for t, p in thing_parts.items() if t in things}
     return Vocabulary.from_lists(
-        things=things, stuff=stuff, parts=parts, synonyms=synonyms, part_groups=groups
+        things=things,
+        stuff=stuff,
+        parts=parts,
+        synonyms=synonyms,
+        part_groups=groups,
+        thing_parts=thing_parts,
     )
 
 
@@ -262,7 +326,7 @@ def load_vocabulary(source: str | Path | None = None) -> Vocabulary:
 
     Args:
         source: None or "default" for the shipped COCO-panoptic things/stuff plus the shipped
-            parts; a shipped name ("coco_panoptic", "parts"); or a path / fsspec URI of a
+            parts; a shipped name ("coco_panoptic", "parts", "synthetic"); or a path / fsspec URI of a
             ``.yaml``/``.yml``/``.json`` file or of a plain text file (any other suffix).
     Raises:
         VocabularyError: the file is malformed or defines an invalid vocabulary.
@@ -271,8 +335,9 @@ def load_vocabulary(source: str | Path | None = None) -> Vocabulary:
     if source is None or str(source) == "default":
         return merge(*(load_vocabulary(name) for name in SHIPPED))
     text_source = str(source)
-    if text_source in SHIPPED:
-        path: str = str(VOCABULARY_DIR / f"{text_source}.yaml")
+    shipped = VOCABULARY_DIR / f"{text_source}.yaml"
+    if text_source.isidentifier() and shipped.is_file() and not Path(text_source).exists():
+        path: str = str(shipped)
     else:
         path = text_source
     with fsspec.open(path, "rt", encoding="utf-8") as f:
@@ -293,6 +358,7 @@ def parse_text(text: str) -> Vocabulary:
     data: dict[str, Any] = {name: [] for name in SECTIONS}
     data["synonyms"] = {}
     data["part_groups"] = {}
+    data["thing_parts"] = {}
     section = "things"
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.split("#", 1)[0].strip()

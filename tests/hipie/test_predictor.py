@@ -169,6 +169,38 @@ def test_hierarchy_structure(predictor, photo):
         assert seg.labels[g].endswith("head") or seg.labels[g].endswith("leg")
 
 
+def test_hierarchy_asks_only_for_each_things_parts(predictor, photo):
+    thing_parts = {THINGS[0]: PARTS[:1]}  # the first thing has one part, the others none
+    seg = predictor.hierarchy(photo, THINGS, STUFF, PARTS, thing_parts=thing_parts)
+    part_vocabulary = seg.vocabulary[len(THINGS + STUFF) :]
+    assert part_vocabulary[:1] == [f"{THINGS[0]} {PARTS[0]}"]
+    assert all(label.startswith(f"{THINGS[0]} ") for label in part_vocabulary)  # + its groups
+    assert all(label in seg.vocabulary[: len(THINGS + STUFF) + 1] for label in seg.labels)
+    with pytest.raises(ValueError, match="none of these things"):
+        predictor.hierarchy(photo, THINGS, STUFF, PARTS, thing_parts={})
+
+
+def test_hierarchy_uses_the_given_part_groups():
+    """The shipped tiny model on synthetic scenes: the coarse level comes from `part_groups`."""
+    from hipie.training.synthetic import SceneGenerator
+    from pipeline.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary("synthetic")
+    shipped = HipiePredictor(build_hipie("tiny", "tiny"))
+    args = (vocab.things, vocab.stuff, vocab.parts)
+    groups = {"head": ["eye"], "wheel": ["hubcap"]}
+    coarse = set()
+    for scene in SceneGenerator(seed=5).scenes(0, 4):
+        none = shipped.hierarchy(scene.image, *args, part_groups={})
+        assert "subpart" not in none.level
+        seg = shipped.hierarchy(scene.image, *args, part_groups=groups)
+        for i, (level, parent) in enumerate(zip(seg.level, seg.parents.tolist())):
+            if level == "subpart":
+                assert seg.labels[i].rsplit(" ", 1)[1] in ("eye", "hubcap")
+                coarse.add(seg.labels[parent].rsplit(" ", 1)[1])
+    assert coarse and coarse <= {"head", "wheel"}
+
+
 def test_vote_dense_and_rle_agree(predictor, photo):
     H, W = photo.shape[:2]
     pan = predictor.panoptic(photo, THINGS, STUFF)

@@ -188,3 +188,61 @@ def test_merge_drops_duplicates_first_wins():
 def test_shipped_part_groups_match_the_model_hierarchy():
     hierarchy = pytest.importorskip("hipie.hierarchy")
     assert dict(load_vocabulary("parts").part_groups) == hierarchy.DEFAULT_PART_GROUPS
+
+
+def test_thing_parts_limit_the_part_prompts(tmp_path):
+    path = tmp_path / "v.yaml"
+    path.write_text(
+        "things: [robot, tree, rock]\nparts: [head, arm, crown]\n"
+        "thing_parts: {tree: [crown], robot: [head, arm, head]}\n"
+    )
+    vocab = load_vocabulary(path)
+    assert vocab.thing_parts == (("robot", ("head", "arm")), ("tree", ("crown",)))
+    assert vocab.parts_of("robot") == ("head", "arm") and vocab.parts_of("rock") == ()
+    # parts order, thing-major; "rock" (not listed) gets none, "robot crown" is never asked for
+    assert vocab.part_prompts() == ["robot head", "robot arm", "tree crown"]
+    assert Vocabulary.from_json(vocab.to_json()) == vocab
+    text = tmp_path / "v.txt"
+    text.write_text("robot\ntree\nrock\n[parts]\nhead\narm\ncrown\n"
+                    "[thing_parts]\ntree: crown\nrobot: head, arm\n")  # fmt: skip
+    assert load_vocabulary(text) == vocab
+    unrestricted = Vocabulary.from_lists(things=vocab.things, parts=vocab.parts)
+    assert len(unrestricted.part_prompts()) == 9 and unrestricted.parts_of("rock") == vocab.parts
+    assert unrestricted.hash != vocab.hash
+    # vocabularies without thing_parts keep their earlier canonical JSON (and hash)
+    assert "thing_parts" not in json.loads(unrestricted.to_json())
+    assert Vocabulary.from_lists(parts=["head"]).part_prompts() == ["head"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("things: [robot]\nparts: [head]\nthing_parts: {robto: [head]}", "'robto' is not one"),
+        ("things: [robot]\nparts: [head]\nthing_parts: {robot: [hand]}", "'hand' is not in parts"),
+        ("things: [robot]\nparts: [head]\nthing_parts: [robot]", "thing_parts must be a mapping"),
+    ],
+)
+def test_invalid_thing_parts(tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(VocabularyError, match=message):
+        load_vocabulary(path)
+
+
+def test_shipped_thing_parts():
+    vocab = load_vocabulary()
+    prompts = vocab.part_prompts()
+    assert {"person head", "person hand", "dog paw", "car wheel", "bicycle chainwheel",
+            "bottle bottle cap", "potted plant pot", "tv screen"} <= set(prompts)  # fmt: skip
+    for absent in ("banana head", "car head", "person wheel", "dog hand", "tv paw"):
+        assert absent not in prompts
+    assert len(prompts) < len(vocab.things) * len(vocab.parts) / 10
+    parts = load_vocabulary("parts")  # no things: the lists are kept for a later merge
+    assert dict(parts.thing_parts)["dog"] == dict(vocab.thing_parts)["dog"]
+    # merged with things the lists do not name: they are dropped, so every part is asked for
+    mine = merge(Vocabulary.from_lists(things=["robot"]), parts)
+    assert mine.thing_parts == () and len(mine.part_prompts()) == len(parts.parts)
+    synthetic = load_vocabulary("synthetic")
+    from hipie.training.scene import PART_CLASSES
+
+    assert sorted(synthetic.part_prompts()) == sorted(PART_CLASSES)
