@@ -7,7 +7,10 @@ against the scene's ground truth:
 - semantic: mIoU over the 10 thing and stuff classes;
 - instance: AP box and AP mask (COCOeval) of the thing classes;
 - referring: oIoU of the scene's referring expressions (and the mean per-expression IoU);
-- parts: mIoU_PartS over the "object-part" classes (pixels outside every part are ignored).
+- parts: mIoU_PartS, the paper's part metric: IoU over the grouped "object-part" classes
+  (Sec. 4 / Pascal-Panoptic-Parts: a subpart counts as its part, "robot eye" as "robot head");
+  `miou_fine` scores every object-part class, subparts on their own (stricter). Pixels outside
+  every part are ignored. The prediction is the part pass's segments painted by score.
 
 The predictor is duck-typed like `hipie.HipiePredictor`: `panoptic(image, things, stuff)`,
 `instance(image, vocabulary)`, `refer(image, expression)` and `parts(image, part_vocabulary)`
@@ -35,13 +38,21 @@ from hipie.evaluation.metrics import (
 from hipie.training.scene import (
     CATEGORIES,
     PART_CLASSES,
+    PART_OF_SUBPART,
     STUFF_CLASSES,
     THING_CLASSES,
     Scene,
     category_id,
 )
 
-__all__ = ["TASKS", "evaluate_scenes"]
+__all__ = ["GROUPED_PART_CLASSES", "TASKS", "evaluate_scenes", "group_part_map"]
+
+# the part-level classes that mIoU_PartS averages over (subparts folded into them)
+GROUPED_PART_CLASSES: tuple[str, ...] = tuple(c for c in PART_CLASSES if c not in PART_OF_SUBPART)
+_GROUP_LUT = np.array(
+    [GROUPED_PART_CLASSES.index(PART_OF_SUBPART.get(c, c)) for c in PART_CLASSES] + [255],
+    dtype=np.int64,
+)
 
 TASKS: tuple[str, ...] = ("panoptic", "semantic", "instance", "referring", "parts")
 
@@ -125,6 +136,14 @@ def _part_prediction(seg: Any, shape: tuple[int, int]) -> np.ndarray:
     )
 
 
+def group_part_map(part_map: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """An (H, W) map of indices into PART_CLASSES -> indices into GROUPED_PART_CLASSES
+    (subparts become their parts); `ignore_index` stays."""
+    part_map = np.asarray(part_map)
+    out = _GROUP_LUT[np.where(part_map == ignore_index, len(PART_CLASSES), part_map)]
+    return np.where(part_map == ignore_index, ignore_index, out)
+
+
 def evaluate_scenes(
     predictor: Any, scenes: Iterable[Scene], *, tasks: Sequence[str] = TASKS
 ) -> dict[str, dict]:
@@ -133,8 +152,8 @@ def evaluate_scenes(
     Returns:
         {"panoptic": {"All", "Things", "Stuff"}, "semantic": {"miou", "pixel_accuracy"},
         "instance": {"ap_box", "ap_mask", "ap50_mask"}, "referring": {"oiou", "mean_iou", "n"},
-        "parts": {"miou_parts", "per_class"}, "num_images": int} for the tasks asked; fractions
-        in [0, 1].
+        "parts": {"miou_parts", "per_class", "miou_fine", "per_class_fine"}, "num_images": int}
+        for the tasks asked; fractions in [0, 1].
     """
     unknown = set(tasks) - set(TASKS)
     if unknown:
@@ -188,6 +207,16 @@ def evaluate_scenes(
             "n": len(ious),
         }
     if "parts" in tasks:
-        mean, per_class = miou_parts(part_pred, part_gt, part_classes=PART_CLASSES)
-        out["parts"] = {"miou_parts": mean, "per_class": per_class}
+        mean, per_class = miou_parts(
+            [group_part_map(p) for p in part_pred],
+            [group_part_map(g) for g in part_gt],
+            part_classes=GROUPED_PART_CLASSES,
+        )
+        fine, per_class_fine = miou_parts(part_pred, part_gt, part_classes=PART_CLASSES)
+        out["parts"] = {
+            "miou_parts": mean,
+            "per_class": per_class,
+            "miou_fine": fine,
+            "per_class_fine": per_class_fine,
+        }
     return out

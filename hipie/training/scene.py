@@ -17,6 +17,7 @@ __all__ = [
     "HELD_OUT_COMPOSITIONS",
     "PART_CLASSES",
     "PART_LEVELS",
+    "PART_OF_SUBPART",
     "ROLE_COLORS",
     "STUFF_CLASSES",
     "STYLES",
@@ -184,6 +185,14 @@ def _part_names() -> tuple[tuple[str, str], ...]:
 # in template order, e.g. "robot head", "robot eye".
 PART_CLASSES: tuple[str, ...] = tuple(name for name, _ in _part_names())
 PART_LEVELS: dict[str, str] = dict(_part_names())  # "robot eye" -> "subpart"
+# subpart class -> the part class holding it ("robot eye" -> "robot head"): the grouping of
+# mIoU_PartS ("grouped part classes", Sec. 4), which scores subparts as their parts
+PART_OF_SUBPART: dict[str, str] = {
+    f"{thing} {sub[0]}": f"{thing} {name}"
+    for thing in THING_CLASSES
+    for name, _, _, _, subparts in TEMPLATES[thing]["parts"]
+    for sub in subparts
+}
 
 # (thing, part, style) never drawn in ordinary scenes; every styled part of its class takes it
 # in held-out scenes. Each style still appears on other classes, so only the composition is new.

@@ -369,79 +369,31 @@ def _predictor_class():
     return HipiePredictor
 
 
-def evaluate_synthetic(model, scenes: list, *, things, stuff, parts) -> dict[str, float]:
-    """PQ, part mIoU and referring oIoU of `model` on synthetic scenes via `HipiePredictor`.
+def evaluate_synthetic(model, scenes: list) -> dict[str, float]:
+    """PQ, part mIoU (mIoU_PartS) and referring oIoU of `model` on synthetic scenes, through
+    `HipiePredictor` and the same scoring as `python -m hipie.evaluate synthetic`
+    (`hipie.evaluation.benchmark.evaluate_scenes`).
 
-    Part mIoU paints the predicted parts scoring at least the post-processing score threshold
-    (parts, then subparts; confident last) into an "object-part" map, as `Scene.part_map` does.
-
-    Returns {} when the predictor is not available; a metric whose predictor call fails is
-    left out (the run goes on).
+    Returns {} when the predictor is not available; a task whose evaluation fails is left out
+    (the run goes on).
     """
-    from hipie.evaluation.metrics import (
-        PanopticImage,
-        miou_parts,
-        oiou,
-        panoptic_quality,
-        part_label_map,
-    )
-    from hipie.training.synthetic import CATEGORIES, PART_CLASSES, PART_LEVELS, category_id
+    from hipie.evaluation.benchmark import evaluate_scenes
 
     Predictor = _predictor_class()
     if Predictor is None or not scenes:
         return {}
     predictor = Predictor(model)
-    score_threshold = model.config.postprocess.score_threshold  # parts: drop weak detections
+    read = {
+        "panoptic": ("pq", lambda r: r["panoptic"]["All"]["pq"]),
+        "parts": ("part_miou", lambda r: r["parts"]["miou_parts"]),
+        "referring": ("oiou", lambda r: r["referring"]["oiou"]),
+    }
     out: dict[str, float] = {}
-    try:
-        gts, preds = [], []
-        for s in scenes:
-            seg = predictor.panoptic(s.image, list(things), list(stuff))
-            id_map = np.zeros(s.image.shape[:2], dtype=np.int64)
-            infos = []
-            for i, (mask, label) in enumerate(
-                zip(np.asarray(seg.masks.cpu()), seg.labels), start=1
-            ):
-                id_map[mask & (id_map == 0)] = i
-                infos.append({"id": i, "category_id": category_id(label)})
-            present = set(np.unique(id_map).tolist())
-            preds.append(PanopticImage(id_map, [x for x in infos if x["id"] in present]))
-            gts.append(PanopticImage(s.id_map(), s.segments_info()))
-        out["pq"] = panoptic_quality(gts, preds, CATEGORIES).all.pq
-    except Exception as err:  # noqa: BLE001 - evaluation must not kill a training run
-        out["pq_error"] = float("nan")
-        print(f"[eval] panoptic failed: {err!r}")
-    try:
-        pmaps, gmaps = [], []
-        for s in scenes:
-            seg = predictor.parts(s.image, list(parts))
-            scores = seg.scores.float().cpu().tolist()
-            keep = [
-                i
-                for i, label in enumerate(seg.labels)
-                if label in PART_CLASSES and scores[i] >= score_threshold
-            ]
-            # parts first, subparts painted over them (as Scene.part_map does); within a level,
-            # more confident segments are painted last so that they win
-            keep.sort(key=lambda i: (PART_LEVELS[seg.labels[i]] == "subpart", scores[i]))
-            masks = np.asarray(seg.masks.cpu()).reshape(-1, *s.image.shape[:2])[keep]
-            cls = [PART_CLASSES.index(seg.labels[i]) for i in keep]
-            pmaps.append(part_label_map(masks, cls, shape=s.image.shape[:2]))
-            gmaps.append(s.part_map())
-        out["part_miou"] = miou_parts(pmaps, gmaps, part_classes=PART_CLASSES)[0]
-    except Exception as err:  # noqa: BLE001
-        print(f"[eval] parts failed: {err!r}")
-    try:
-        pr, gt = [], []
-        for s in scenes:
-            for text, seg_id in s.expressions:
-                res = predictor.refer(s.image, text)
-                m = np.asarray(res.masks.cpu())
-                pr.append(m[0] if len(m) else np.zeros(s.image.shape[:2], bool))
-                gt.append(next(x.mask for x in s.segments if x.id == seg_id))
-        out["oiou"] = oiou(pr, gt)
-    except Exception as err:  # noqa: BLE001
-        print(f"[eval] referring failed: {err!r}")
+    for task, (key, value) in read.items():
+        try:
+            out[key] = float(value(evaluate_scenes(predictor, scenes, tasks=(task,))))
+        except Exception as err:  # noqa: BLE001 - evaluation must not kill a training run
+            print(f"[eval] {task} failed: {err!r}")
     return out
 
 
@@ -616,13 +568,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
     def evaluate() -> None:
         model.eval()  # the predictor runs inference
-        metrics = evaluate_synthetic(
-            model,
-            eval_scenes,
-            things=dataset.thing_classes,
-            stuff=dataset.stuff_classes,
-            parts=dataset.part_classes,
-        )
+        metrics = evaluate_synthetic(model, eval_scenes)
         model.train()
         if not cfg.train_text_encoder:
             model.text_encoder.bert.eval()

@@ -284,6 +284,7 @@ def test_evaluate_scenes_with_ground_truth_answers_is_perfect():
     assert out["referring"]["oiou"] == 1.0
     assert out["referring"]["n"] == sum(len(s.expressions) for s in scenes)
     assert out["parts"]["miou_parts"] == pytest.approx(1.0)
+    assert out["parts"]["miou_fine"] == pytest.approx(1.0)
     # Answering the semantic task with "sky" everywhere: IoU of sky = sky px / all px, others 0.
     oracle = _Oracle(scenes)
     oracle.semantic = lambda image, vocabulary: type("S", (), {
@@ -292,3 +293,43 @@ def test_evaluate_scenes_with_ground_truth_answers_is_perfect():
     present = {s.category for sc in scenes for s in sc.segments}
     sem = evaluate_scenes(oracle, scenes, tasks=("semantic",))["semantic"]
     assert sem["miou"] == pytest.approx(sky / (3 * 96 * 80) / len(present))
+
+
+def test_part_miou_groups_subparts_into_their_parts():
+    """mIoU_PartS scores a subpart as its part: an answer that labels every subpart with its
+    part's class is perfect there, and loses exactly the subpart classes in `miou_fine`."""
+    from hipie.evaluation.benchmark import GROUPED_PART_CLASSES, evaluate_scenes, group_part_map
+    from hipie.training.scene import PART_CLASSES, PART_OF_SUBPART
+    from hipie.training.synthetic import SceneConfig, SceneGenerator
+
+    assert PART_OF_SUBPART["robot eye"] == "robot head"
+    assert PART_OF_SUBPART["car hubcap"] == "car wheel"
+    assert "robot eye" not in GROUPED_PART_CLASSES and "robot head" in GROUPED_PART_CLASSES
+    head, eye = PART_CLASSES.index("robot head"), PART_CLASSES.index("robot eye")
+    grouped = group_part_map(np.array([[head, eye], [255, eye]]))
+    g = GROUPED_PART_CLASSES.index("robot head")
+    assert grouped.tolist() == [[g, g], [255, g]]
+
+    scenes = list(SceneGenerator(SceneConfig(width=96, height=80), seed=5).scenes(0, 3))
+    oracle = _Oracle(scenes)
+
+    def coarse_parts(image, vocabulary):
+        scene = oracle.scenes[image.tobytes()]
+        parts = {p.id: p for p in scene.parts}
+        # a subpart answered with its part's label; painted last, so it claims its pixels
+        answer = [
+            (p.mask, p.name if p.level == "part" else parts[p.parent_id].name) for p in scene.parts
+        ]
+        scores = [1.0 if p.level == "subpart" else 0.5 for p in scene.parts]
+        return oracle._segments(answer, scores)
+
+    oracle.parts = coarse_parts
+    out = evaluate_scenes(oracle, scenes, tasks=("parts",))["parts"]
+    assert out["miou_parts"] == pytest.approx(1.0)
+    present = set(out["per_class_fine"])
+    subparts = present & set(PART_OF_SUBPART)
+    assert subparts and all(out["per_class_fine"][c] == 0.0 for c in subparts)
+    holders = {PART_OF_SUBPART[c] for c in subparts}
+    for name in present - subparts:  # a part holding subparts took their pixels too
+        assert (out["per_class_fine"][name] < 1.0) == (name in holders), name
+    assert out["miou_fine"] < out["miou_parts"]

@@ -227,3 +227,22 @@ def test_cli_runs_from_a_yaml_config(tmp_path):
     state = torch.load(tmp_path / "run" / "checkpoint" / STATE_FILE, weights_only=True)
     assert state["step"] == 1
     assert json.loads(state["config"])["scene"]["width"] == 64
+
+
+def test_training_evaluation_scores_like_the_evaluate_command():
+    """The periodic evaluation and `python -m hipie.evaluate synthetic` share one scoring."""
+    from hipie import HipiePredictor, build_hipie
+    from hipie.evaluation.benchmark import evaluate_scenes
+    from hipie.training.train import evaluate_synthetic
+
+    model = build_hipie("tiny", "tiny").eval()
+    scenes = list(SceneGenerator(SceneConfig(width=128, height=128), seed=9).scenes(0, 2))
+    metrics = evaluate_synthetic(model, scenes)
+    full = evaluate_scenes(HipiePredictor(model), scenes, tasks=("panoptic", "parts", "referring"))
+    assert metrics == pytest.approx({
+        "pq": full["panoptic"]["All"]["pq"],
+        "part_miou": full["parts"]["miou_parts"],
+        "oiou": full["referring"]["oiou"],
+    })  # fmt: skip
+    assert metrics["pq"] > 0.3 and metrics["oiou"] > 0.3 and metrics["part_miou"] > 0.05
+    assert evaluate_synthetic(model, []) == {}
