@@ -548,7 +548,7 @@ class HipiePredictor:
             _filter(q, q.scores >= self.config.postprocess.score_threshold) for q in part_segs
         ]
         groups = DEFAULT_PART_GROUPS if part_groups is None else part_groups
-        return [self._combine(p, q, groups) for p, q in zip(panoptic, part_segs)]
+        return [self._combine(p, q, groups, things) for p, q in zip(panoptic, part_segs)]
 
     def hierarchy(
         self,
@@ -566,7 +566,10 @@ class HipiePredictor:
 
     @staticmethod
     def _combine(
-        pan: Segments, part: Segments, part_groups: Mapping[str, Sequence[str]]
+        pan: Segments,
+        part: Segments,
+        part_groups: Mapping[str, Sequence[str]],
+        things: Sequence[str],
     ) -> Segments:
         """Panoptic + parts (+ coarse groups) into one Segments with a joint vocabulary."""
         from hipie.hierarchy import assign_parents, group_parts
@@ -583,6 +586,7 @@ class HipiePredictor:
             )
         else:
             part_parent = torch.full((P,), -1, dtype=torch.long, device=pan.scores.device)
+        part, part_parent = HipiePredictor._follow_parents(part, part_parent, pan, things)
         grouped = group_parts(part.masks, part.labels, part_parent, part_groups)
         G = len(grouped.labels)
         coarse = [lbl for lbl in dict.fromkeys(grouped.labels)]
@@ -633,8 +637,11 @@ class HipiePredictor:
         things: Sequence[str],
         stuff: Sequence[str],
         parts: Sequence[str],
+        **hierarchy_options,
     ) -> list[Segments]:
         """Class-aware labels for class-agnostic SAM masks (Sec. 3.8, Eq. 5).
+
+        `hierarchy_options` (`thing_parts`, `part_groups`) go to `hierarchy_batch`.
 
         Per image, HIPIE's hierarchy runs first; each SAM mask then gets two votes (Eq. 5):
         one over the object vocabulary (things + stuff) from the panoptic segments and one over
@@ -650,7 +657,7 @@ class HipiePredictor:
         """
         if len(sam_masks) != len(images):
             raise ValueError("give one SAM mask set per image")
-        hier = self.hierarchy_batch(images, things, stuff, parts)
+        hier = self.hierarchy_batch(images, things, stuff, parts, **hierarchy_options)
         return [self.vote_from_hierarchy(h, sam, things) for h, sam in zip(hier, sam_masks)]
 
     def vote_from_hierarchy(self, h: Segments, sam, things: Sequence[str]) -> Segments:
@@ -726,6 +733,41 @@ class HipiePredictor:
         )
 
     @staticmethod
+    def _follow_parents(
+        part: Segments, parents: torch.Tensor, pan: Segments, things: Sequence[str]
+    ) -> tuple[Segments, torch.Tensor]:
+        """Sec. 3.7 pairs each part with the instance holding it, so a part lying in an instance
+        labeled X is one of X's parts: a part labeled otherwise ("car body" in a bird) takes the
+        best of X's parts in its class distribution, which is restricted to them and
+        renormalized; its score is scaled by that class's share of the old class's probability
+        (the score the candidate would have had with that class). A part with no probability on
+        X's parts keeps its label and loses the parent. Returns (parts, parents), new objects."""
+        from hipie.hierarchy import split_part_label
+
+        if len(part) == 0:
+            return part, parents
+        owner = [split_part_label(name, things)[0] for name in part.vocabulary]
+        probs, scores = part.probs.clone(), part.scores.clone()
+        label_ids, labels, parents = part.label_ids.clone(), list(part.labels), parents.clone()
+        for i in range(len(part)):
+            p, old = int(parents[i]), int(label_ids[i])
+            if p < 0 or owner[old] == pan.labels[p]:
+                continue
+            allowed = torch.tensor([o == pan.labels[p] for o in owner], device=probs.device)
+            restricted = torch.where(allowed, probs[i], torch.zeros_like(probs[i]))
+            if restricted.sum() <= 0:
+                parents[i] = -1
+                continue
+            new = int(restricted.argmax())
+            scores[i] = scores[i] * probs[i, new] / probs[i, old].clamp(min=1e-12)
+            probs[i] = restricted / restricted.sum()
+            label_ids[i], labels[i] = new, part.vocabulary[new]
+        part = dataclasses.replace(
+            part, labels=labels, label_ids=label_ids, scores=scores, probs=probs
+        )
+        return part, parents
+
+    @staticmethod
     def _restrict_parts_to_parent(
         vocabulary: list[str],
         things: Sequence[str],
@@ -737,8 +779,9 @@ class HipiePredictor:
     ) -> None:
         """A part lying in an instance labeled X can only be one of X's parts ("X head", ...):
         its Eq. 5 distribution is restricted to those labels and renormalized (Sec. 3.7 pairs
-        each part with the instance it lies in). Parts whose vote has no mass on X's parts keep
-        their vote. Updates `probs`, `label_ids` and `scores` in place."""
+        each part with the instance it lies in). A part whose vote has no mass on X's parts
+        keeps its vote and loses the parent (no "car body" under a bird). Updates `probs`,
+        `label_ids`, `scores` and `parents` in place."""
         from hipie.hierarchy import split_part_label
 
         owner = [split_part_label(name, things)[0] for name in vocabulary]
@@ -751,6 +794,7 @@ class HipiePredictor:
             restricted = torch.where(allowed, probs[i], torch.zeros_like(probs[i]))
             total = restricted.sum()
             if total <= 0:
+                parents[i] = -1
                 continue
             probs[i] = restricted / total
             label_ids[i] = int(probs[i].argmax())
@@ -780,9 +824,15 @@ class HipiePredictor:
                 parents[i] = part_i[int(idx[j])]
 
     def vote(
-        self, image, sam_masks, things: Sequence[str], stuff: Sequence[str], parts: Sequence[str]
+        self,
+        image,
+        sam_masks,
+        things: Sequence[str],
+        stuff: Sequence[str],
+        parts: Sequence[str],
+        **hierarchy_options,
     ) -> Segments:
-        return self.vote_batch([image], [sam_masks], things, stuff, parts)[0]
+        return self.vote_batch([image], [sam_masks], things, stuff, parts, **hierarchy_options)[0]
 
     @staticmethod
     def _fine_parts(h: Segments) -> set[int]:

@@ -71,3 +71,52 @@ def test_sam_masks_get_instance_part_subpart_and_stuff(predictor, as_rle):
     assert out.probs[2, 2:4].tolist() == pytest.approx(expected.tolist(), abs=1e-6)
     assert out.probs[2, 4].item() == 0.0
     assert out.scores[2].item() == pytest.approx(expected[0].item(), abs=1e-6)
+
+
+def test_hierarchy_parts_take_their_instances_thing():
+    """`_follow_parents` (Sec. 3.7 pairing): a part in a robot labeled "car wheel" becomes the best
+    robot part of its distribution, score scaled; one with no robot mass loses its parent."""
+    pan = Segments(
+        masks=torch.stack([ROBOT, SKY]),
+        boxes=torch.zeros(2, 4),
+        labels=["robot", "sky"],
+        label_ids=torch.tensor([0, 1]),
+        scores=torch.tensor([0.9, 0.8]),
+        probs=torch.tensor([[0.9, 0.1], [0.2, 0.8]]),
+        is_thing=torch.tensor([True, False]),
+        parents=torch.tensor([-1, -1]),
+        level=["instance", "stuff"],
+        vocabulary=["robot", "sky"],
+    )
+    part_vocab = ["robot head", "robot eye", "car wheel"]
+    parts = Segments(
+        masks=torch.stack([HEAD, EYE, HEAD]),
+        boxes=torch.zeros(3, 4),
+        labels=["car wheel", "robot eye", "car wheel"],
+        label_ids=torch.tensor([2, 1, 2]),
+        scores=torch.tensor([0.6, 0.5, 0.4]),
+        probs=torch.tensor([[0.3, 0.1, 0.6], [0.4, 0.6, 0.0], [0.0, 0.0, 1.0]]),
+        is_thing=torch.ones(3, dtype=torch.bool),
+        parents=torch.full((3,), -1),
+        level=["part"] * 3,
+        vocabulary=part_vocab,
+    )
+    out, parents = HipiePredictor._follow_parents(parts, torch.tensor([0, 0, 0]), pan, ["robot"])
+    assert out.labels == ["robot head", "robot eye", "car wheel"]
+    assert out.label_ids.tolist() == [0, 1, 2]
+    assert out.scores.tolist() == pytest.approx([0.6 * 0.3 / 0.6, 0.5, 0.4])
+    assert out.probs[0].tolist() == pytest.approx([0.75, 0.25, 0.0])
+    assert parents.tolist() == [0, 0, -1]  # no robot mass: no longer under the robot
+    assert parts.labels[0] == "car wheel"  # the input is left as it was
+
+
+def test_vote_part_without_mass_on_its_instances_parts_loses_the_parent(predictor):
+    h = _hierarchy()
+    h = Segments(**{**h.__dict__, "probs": h.probs.clone()})
+    h.probs[2] = torch.tensor([0, 0, 0, 0, 1.0])  # the head part is all "car wheel"
+    h.probs[3] = torch.tensor([0, 0, 0, 0, 1.0])  # so is the eye
+    sam = torch.stack([ROBOT, HEAD])
+    seg = predictor.vote_from_hierarchy(h, sam, ["robot"])
+    assert seg.level == ["instance", "part"]
+    assert seg.labels == ["robot", "car wheel"]
+    assert seg.parents.tolist() == [-1, -1]
