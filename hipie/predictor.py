@@ -103,6 +103,20 @@ def _resize_nearest(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return out.to(maps.dtype)
 
 
+def _parent_part_columns(
+    vocabulary: Sequence[str], things: Sequence[str], parent_things: Sequence[str], device
+) -> torch.Tensor:
+    """(N, C) bool: for each of N parts, the `vocabulary` columns that are parts of its parent
+    thing (`parent_things[n]`), i.e. the labels "<thing> <part>" of that thing."""
+    from hipie.hierarchy import split_part_label
+
+    ids = {thing: k for k, thing in enumerate(dict.fromkeys(parent_things))}
+    owner = [ids.get(split_part_label(name, things)[0], -1) for name in vocabulary]
+    columns = torch.tensor(owner, dtype=torch.long, device=device)
+    rows = torch.tensor([ids[t] for t in parent_things], dtype=torch.long, device=device)
+    return columns[None, :] == rows[:, None]
+
+
 def _filter(seg: Segments, keep: torch.Tensor) -> Segments:
     """The segments where `keep` (N,) bool is True (parents are not remapped)."""
     idx = torch.nonzero(keep).flatten()
@@ -742,19 +756,19 @@ class HipiePredictor:
         renormalized; its score is scaled by that class's share of the old class's probability
         (the score the candidate would have had with that class). A part with no probability on
         X's parts keeps its label and loses the parent. Returns (parts, parents), new objects."""
-        from hipie.hierarchy import split_part_label
-
-        if len(part) == 0:
+        rows = [i for i in range(len(part)) if int(parents[i]) >= 0]
+        if not rows:
             return part, parents
-        owner = [split_part_label(name, things)[0] for name in part.vocabulary]
+        allowed = _parent_part_columns(
+            part.vocabulary, things, [pan.labels[int(parents[i])] for i in rows], part.probs.device
+        )
         probs, scores = part.probs.clone(), part.scores.clone()
         label_ids, labels, parents = part.label_ids.clone(), list(part.labels), parents.clone()
-        for i in range(len(part)):
-            p, old = int(parents[i]), int(label_ids[i])
-            if p < 0 or owner[old] == pan.labels[p]:
+        for j, i in enumerate(rows):
+            old = int(label_ids[i])
+            if allowed[j, old]:
                 continue
-            allowed = torch.tensor([o == pan.labels[p] for o in owner], device=probs.device)
-            restricted = torch.where(allowed, probs[i], torch.zeros_like(probs[i]))
+            restricted = torch.where(allowed[j], probs[i], torch.zeros_like(probs[i]))
             if restricted.sum() <= 0:
                 parents[i] = -1
                 continue
@@ -782,16 +796,13 @@ class HipiePredictor:
         each part with the instance it lies in). A part whose vote has no mass on X's parts
         keeps its vote and loses the parent (no "car body" under a bird). Updates `probs`,
         `label_ids`, `scores` and `parents` in place."""
-        from hipie.hierarchy import split_part_label
-
-        owner = [split_part_label(name, things)[0] for name in vocabulary]
-        for i in part_i:
-            p = int(parents[i])
-            if p < 0 or label_ids[p] < 0:
-                continue
-            thing = vocabulary[label_ids[p]]
-            allowed = torch.tensor([o == thing for o in owner], device=probs.device)
-            restricted = torch.where(allowed, probs[i], torch.zeros_like(probs[i]))
+        rows = [i for i in part_i if int(parents[i]) >= 0 and label_ids[int(parents[i])] >= 0]
+        if not rows:
+            return
+        parent_things = [vocabulary[label_ids[int(parents[i])]] for i in rows]
+        allowed = _parent_part_columns(vocabulary, things, parent_things, probs.device)
+        for j, i in enumerate(rows):
+            restricted = torch.where(allowed[j], probs[i], torch.zeros_like(probs[i]))
             total = restricted.sum()
             if total <= 0:
                 parents[i] = -1

@@ -211,7 +211,13 @@ def train_worker(loop_config: dict) -> None:
     from hipie.build import build_hipie
     from hipie.training.criterion import build_criterion
     from hipie.training.data import collate
-    from hipie.training.train import FrozenBertCache, lr_factor, make_passes, param_groups
+    from hipie.training.train import (
+        FrozenBertCache,
+        lr_factor,
+        make_passes,
+        optimizer_step,
+        param_groups,
+    )
 
     cfg: FinetuneConfig = loop_config["config"]
     training_set: TrainingSet = loop_config["training_set"]
@@ -275,14 +281,7 @@ def train_worker(loop_config: dict) -> None:
         passes = make_passes(batch, dataset, tcfg, random.Random(cfg.seed * 1_000_003 + step))
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
             loss, logs = wrapped(batch, passes)
-        if not torch.isfinite(loss.detach()):
-            raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(wrapped.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, logs, step, wrapped, optimizer, scheduler, cfg.grad_clip)
         step += 1
         window.append(logs)
         _log(log_path, {"event": "step", "step": step, "loss": logs["loss"], "time": time.time()})

@@ -160,23 +160,6 @@ def training_set_from_labels(labels: str | os.PathLike) -> TrainingSet:
     return training_set_from_rows(rows)
 
 
-def _coco_mask(segmentation, h: int, w: int) -> np.ndarray:
-    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> (H, W) bool."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segmentation, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segmentation, h, w))
-    elif isinstance(segmentation.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segmentation, h, w)
-    else:
-        counts = segmentation["counts"]
-        rle = {
-            "size": segmentation["size"],
-            "counts": counts.encode() if isinstance(counts, str) else counts,
-        }
-    return mask_utils.decode(rle).astype(bool)
-
-
 def rows_from_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike) -> list[dict]:
     """A COCO instances JSON (RLE or polygon segmentations) as schema-v1 rows.
 
@@ -184,6 +167,8 @@ def rows_from_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike) 
     instance); parents from ``hipie_parent_id`` -> ``hipie_mask_id`` (as ``jobs.export`` writes
     them). Crowd annotations are skipped.
     """
+    from hipie.training.data import decode_segmentation
+
     data = json.loads(Path(json_path).read_text())
     cats = {int(c["id"]): c for c in data["categories"]}
     anns: dict[int, list[dict]] = {}
@@ -200,7 +185,7 @@ def rows_from_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike) 
             label = cat["name"]
             if level in ("part", "subpart") and label.startswith(f"{cat.get('supercategory')} "):
                 label = label[len(cat["supercategory"]) + 1 :]  # export wrote "<object> <part>"
-            mask = _coco_mask(ann["segmentation"], h, w)
+            mask = decode_segmentation(ann["segmentation"], h, w)
             parent = ann.get("hipie_parent_id")
             masks.append(
                 schemas.make_mask(

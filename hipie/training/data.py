@@ -46,6 +46,7 @@ __all__ = [
     "SyntheticDataset",
     "TrainSample",
     "collate",
+    "decode_segmentation",
     "panoptic_targets",
     "part_targets",
     "referring_targets",
@@ -188,7 +189,7 @@ def _load_rgb(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(img.convert("RGB")).copy()).permute(2, 0, 1).contiguous()
 
 
-def _decode_segmentation(segm, h: int, w: int) -> np.ndarray:
+def decode_segmentation(segm, h: int, w: int) -> np.ndarray:
     """COCO polygon list, uncompressed or compressed RLE -> (H, W) bool."""
     from pycocotools import mask as mask_utils
 
@@ -293,7 +294,7 @@ class CocoPanopticDataset(Dataset):
                 owner = by_part_id[int(owner["parent_id"])]
             if int(owner["parent_id"]) not in thing_index:
                 continue
-            parts.append(_decode_segmentation(a["segmentation"], h, w))
+            parts.append(decode_segmentation(a["segmentation"], h, w))
             part_names.append(self.part_names[int(a["category_id"])])
             parents.append(thing_index[int(owner["parent_id"])])
         exprs = tuple(
@@ -342,7 +343,7 @@ class CocoInstancesDataset(Dataset):
         for ann in self.anns.get(int(info["id"]), []):
             if ann.get("iscrowd", 0):
                 continue
-            mask = _decode_segmentation(ann["segmentation"], h, w)
+            mask = decode_segmentation(ann["segmentation"], h, w)
             if mask.any():
                 masks.append(mask)
                 names.append(self.categories[int(ann["category_id"])]["name"])

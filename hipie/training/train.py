@@ -360,6 +360,19 @@ def step_loss(
     return total, logs
 
 
+def optimizer_step(loss, logs, step: int, model, optimizer, scheduler, grad_clip: float) -> None:
+    """Backward, gradient clipping (norm `grad_clip`, off at 0), one optimizer and one schedule
+    step; a non-finite loss raises FloatingPointError naming the step and its logs."""
+    if not math.isfinite(float(loss.detach())):
+        raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    optimizer.step()
+    scheduler.step()
+
+
 # --------------------------------------------------------------------------- evaluation
 def _predictor_class():
     try:
@@ -597,14 +610,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         passes = make_passes(batch, dataset, cfg, random.Random(cfg.seed * 1_000_003 + step))
         with _autocast(device, cfg):
             loss, logs = step_loss(model, criterion, batch, passes, device)
-        if not math.isfinite(float(loss.detach())):
-            raise FloatingPointError(f"non-finite loss at step {step}: {logs}")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
+        optimizer_step(loss, logs, step, model, optimizer, scheduler, cfg.grad_clip)
         step += 1
         bar.update(1)
 

@@ -153,6 +153,9 @@ def test_load_through_fsspec():
         ("things: ['  ']\n", "invalid class name"),
         ("things: []\n", "at least one class"),
         ("things: [cat\n", "invalid YAML"),
+        ("things: [robot]\nparts: [head]\nthing_parts: {robto: [head]}", "'robto' is not one"),
+        ("things: [robot]\nparts: [head]\nthing_parts: {robot: [hand]}", "'hand' is not in parts"),
+        ("things: [robot]\nparts: [head]\nthing_parts: [robot]", "thing_parts must be a mapping"),
     ],
 )
 def test_invalid_yaml_vocabularies(tmp_path, text, message):
@@ -212,21 +215,6 @@ def test_thing_parts_limit_the_part_prompts(tmp_path):
     # vocabularies without thing_parts keep their earlier canonical JSON (and hash)
     assert "thing_parts" not in json.loads(unrestricted.to_json())
     assert Vocabulary.from_lists(parts=["head"]).part_prompts() == ["head"]
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("things: [robot]\nparts: [head]\nthing_parts: {robto: [head]}", "'robto' is not one"),
-        ("things: [robot]\nparts: [head]\nthing_parts: {robot: [hand]}", "'hand' is not in parts"),
-        ("things: [robot]\nparts: [head]\nthing_parts: [robot]", "thing_parts must be a mapping"),
-    ],
-)
-def test_invalid_thing_parts(tmp_path, text, message):
-    path = tmp_path / "bad.yaml"
-    path.write_text(text)
-    with pytest.raises(VocabularyError, match=message):
-        load_vocabulary(path)
 
 
 def test_shipped_thing_parts():
