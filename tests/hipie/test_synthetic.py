@@ -204,3 +204,19 @@ def test_cli_writes_dataset_and_shards(tmp_path, capsys):
         with tarfile.open(shard) as tar:
             members += [m for m in tar.getnames() if m.endswith(".jpg")]
     assert sorted(members) == ["sa_1.jpg", "sa_2.jpg", "sa_3.jpg"]
+
+
+def test_evaluate_synthetic_cli_scores_the_shipped_model(capsys):
+    """`python -m hipie.evaluate synthetic --checkpoint tiny` on fresh scenes: every Table-2
+    metric is printed, and the shipped model is far from an untrained one (floors well below
+    what 100 scenes give: PQ 0.78, mIoU_PartS 0.72, oIoU 0.67, AP mask 0.78)."""
+    argv = ["synthetic", "--checkpoint", "tiny", "--num-images", "6", "--seed", "8"]
+    assert evaluate_main(argv) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["num_images"] == 6 and out["held_out"] is False
+    assert out["panoptic"]["All"]["pq"] > 0.5
+    assert out["semantic"]["miou"] > 0.3
+    assert out["instance"]["ap_mask"] > 0.5
+    assert out["referring"]["oiou"] > 0.5
+    assert out["parts"]["miou_parts"] > 0.5
+    assert 0.0 < out["parts"]["miou_fine"] < 1.0
