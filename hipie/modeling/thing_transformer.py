@@ -178,7 +178,7 @@ class ThingDecoder(nn.Module):
         )
         heads: list[nn.Module] = [VLAlign(dim, text_dim) for _ in range(num_layers)]
         self.class_embed = nn.ModuleList([*heads, ProposalScorer(dim)])
-        self.num_layers = num_layers
+        self.num_layers, self.dim = num_layers, dim
 
     def forward(self, tgt, refs, memory, spatial_shapes, ratios, padding_mask):
         """tgt (B, Q, D), refs (B, Q, 4) cxcywh in [0, 1] -> (hs (L, B, Q, D), boxes (L, B, Q, 4))."""
@@ -187,8 +187,9 @@ class ThingDecoder(nn.Module):
         out, states, boxes = tgt, [], []
         for lid, layer in enumerate(self.layers):
             refs_in = refs[:, :, None] * ratios4  # B x Q x L x 4
-            # sine embedding of (y, x, w, h) of the level-0 box, 128 features each
-            query_pos = self.ref_point_head(sine_embed(refs_in[:, :, 0][..., [1, 0, 2, 3]], 128))
+            # sine embedding of (y, x, w, h) of the level-0 box, dim/2 (128) features each
+            box = refs_in[:, :, 0][..., [1, 0, 2, 3]]
+            query_pos = self.ref_point_head(sine_embed(box, self.dim // 2))
             out = layer(out, query_pos, refs_in, memory, shapes_t, padding_mask)
             new_refs = (self.bbox_embed[lid](out) + inverse_sigmoid(refs)).sigmoid()
             states.append(out)

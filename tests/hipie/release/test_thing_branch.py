@@ -173,3 +173,29 @@ def test_batch_with_padded_tokens_matches_single_passes(branch, runs):
     assert_close(out.token_logits[1, :, :n_ref], expected_ref_logits[0], "batch 1 token_logits")
     pooled = grounding_token(tokens, token_mask)[1]
     assert_close(pooled, grounding_token(ref[None])[0], "masked grounding token")
+
+
+def test_small_branch_runs_with_its_own_sizes():
+    """The same architecture at small size (for `tiny`): shapes follow the constructor."""
+    torch.manual_seed(0)
+    model = ThingBranch(
+        dim=64,
+        text_dim=48,
+        num_heads=4,
+        ffn_dim=128,
+        enc_layers=2,
+        dec_layers=2,
+        num_queries=30,
+        num_background=3,
+        vl_dim=128,
+    ).eval()
+    srcs = [torch.randn(2, 64, 32 // 2**lvl, 48 // 2**lvl) for lvl in range(4)]
+    masks = [torch.zeros(2, s.shape[2], s.shape[3], dtype=torch.bool) for s in srcs]
+    masks[0][1, :, -3:] = True
+    with torch.no_grad():
+        out = model(srcs, masks, torch.randn(2, 5, 48))
+        logits = model.mask_logits(out, torch.tensor([0, 5, 7]), (256, 360), batch_index=1)
+    assert out.token_logits.shape == (2, 33, 5)
+    assert out.boxes.shape == (2, 33, 4) and out.iou_logits.shape == (2, 33)
+    assert out.hidden.shape == (2, 2, 33, 64) and out.mask_features.shape == (2, 8, 32, 48)
+    assert logits.shape == (3, 64, 96) and torch.isfinite(logits).all()
