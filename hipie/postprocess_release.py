@@ -38,6 +38,7 @@ __all__ = [
     "ReleaseInstances",
     "ReleaseResult",
     "class_logit_modes",
+    "crop_mask_logits",
     "instance_boxes",
     "instance_masks",
     "instance_probs",
@@ -277,6 +278,17 @@ def panoptic_class_probs(
     return F.softmax(logits.sigmoid() / temperature, dim=-1)
 
 
+def crop_mask_logits(
+    mask_logits: torch.Tensor, image_size: Sequence[int], *, stride: int = MASK_STRIDE
+) -> torch.Tensor:
+    """(Q, h, w) logits -> (Q, h_img, w_img): bilinear x`stride` (align_corners False), cropped to
+    the resized image (what the release's CLIP ensemble classifies on the panoptic path)."""
+    q, mh, mw = mask_logits.shape
+    x = F.interpolate(mask_logits[:, None], size=(mh * stride, mw * stride), mode="bilinear",
+                      align_corners=False)  # fmt: skip
+    return x[:, 0, : int(image_size[0]), : int(image_size[1])]
+
+
 def upsample_mask_logits(
     mask_logits: torch.Tensor,
     image_size: Sequence[int],
@@ -286,10 +298,7 @@ def upsample_mask_logits(
 ) -> torch.Tensor:
     """(Q, h, w) logits -> (Q, H, W) logits at the original size: bilinear x`stride`, crop to the
     resized image, bilinear to the original size (align_corners False both times)."""
-    q, mh, mw = mask_logits.shape
-    x = F.interpolate(mask_logits[:, None], size=(mh * stride, mw * stride), mode="bilinear",
-                      align_corners=False)  # fmt: skip
-    x = x[:, :, : int(image_size[0]), : int(image_size[1])]
+    x = crop_mask_logits(mask_logits, image_size, stride=stride)[:, None]
     x = F.interpolate(x, size=tuple(int(s) for s in output_size), mode="bilinear",
                       align_corners=False)  # fmt: skip
     return x[:, 0]
@@ -398,8 +407,7 @@ def postprocess_release(
     is_thing: Mapping[int, bool],
     *,
     task: str = "detection",
-    instance_probs_override: torch.Tensor | None = None,
-    panoptic_probs_override: torch.Tensor | None = None,
+    clip=None,
     nms_backend: str = "auto",
     semantic_chunk: int | None = 128,
 ) -> ReleaseResult:
@@ -407,20 +415,27 @@ def postprocess_release(
 
     Thing inputs are the 900 two-stage queries (drop the background queries first); class logits
     are pooled with the modes of `class_logit_modes`. The semantic / panoptic inputs are the
-    NMS-kept thing queries (all of them, not only the top-k) followed by the stuff queries. The
-    two overrides take the CLIP ensemble's probabilities (`hipie.clip_release`).
+    NMS-kept thing queries (all of them, not only the top-k) followed by the stuff queries.
+    `clip`: the CLIP ensemble (`hipie.clip_release.ClipEnsemble`, the ViT-H eval config), which
+    replaces the instance probs (`clip.instance_probs(class_logits, iou_logits, mask_logits)`,
+    before NMS) and the panoptic probs (`clip.panoptic_probs(class_logits, cropped masks)`).
     """
+    probs = None
+    if clip is not None:
+        probs = clip.instance_probs(thing_class_logits, thing_iou_logits, thing_mask_logits)
     instances, sel = postprocess_instances(
         thing_class_logits, thing_boxes, thing_iou_logits, thing_mask_logits, image_size,
-        output_size, task=task, probs=instance_probs_override, nms_backend=nms_backend,
+        output_size, task=task, probs=probs, nms_backend=nms_backend,
     )  # fmt: skip
     if task != "detection" or stuff_class_logits is None:
         return ReleaseResult(instances, sel)
     keep = sel.nms_keep
-    probs = panoptic_probs_override
-    if probs is None:
-        probs = panoptic_class_probs(thing_class_logits[keep], stuff_class_logits)
     masks = torch.cat([thing_mask_logits[keep], stuff_mask_logits], dim=0)
+    if clip is None:
+        probs = panoptic_class_probs(thing_class_logits[keep], stuff_class_logits)
+    else:
+        logits = torch.cat([thing_class_logits[keep], stuff_class_logits], dim=0)
+        probs = clip.panoptic_probs(logits, crop_mask_logits(masks, image_size))
     sem = semantic_map(probs, masks, image_size, output_size, chunk=semantic_chunk)
     pano, segments = panoptic_merge(probs, masks, image_size, output_size, is_thing)
     return ReleaseResult(instances, sel, sem, pano, segments, probs)

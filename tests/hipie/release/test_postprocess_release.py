@@ -314,3 +314,20 @@ def test_panoptic_rules_by_hand():
     expected[:2] = 1
     expected[2] = 2
     assert torch.equal(pano, expected)
+
+
+def test_nms_falls_back_to_pure_when_torchvision_fails(monkeypatch):
+    import torchvision.ops
+
+    f = fixture("r50")
+    _, boxes, sel = _thing_selection(f, "det", "detection")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Couldn't load custom C++ ops")
+
+    monkeypatch.setattr(torchvision.ops, "nms", broken)
+    xyxy = instance_boxes_xyxy_normalized(boxes)
+    keep = batched_nms(xyxy, sel.nms_scores, sel.nms_classes, 0.7)
+    assert torch.equal(keep, f["det/thing/nms_keep"])
+    with pytest.raises(RuntimeError):
+        batched_nms(xyxy, sel.nms_scores, sel.nms_classes, 0.7, backend="torchvision")
