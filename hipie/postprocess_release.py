@@ -125,10 +125,14 @@ class ReleaseInstances:
         )  # fmt: skip
 
 
-def instance_probs(class_logits: torch.Tensor, iou_logits: torch.Tensor) -> torch.Tensor:
-    """(Q, C) instance probabilities: sqrt(sigmoid(class) * sigmoid(iou)); masked classes -> 0."""
-    iou = iou_logits.reshape(-1, 1)
-    return torch.sqrt(class_logits.sigmoid() * iou.sigmoid())
+def instance_probs(class_logits: torch.Tensor, iou_logits: torch.Tensor | None) -> torch.Tensor:
+    """(Q, C) instance probabilities: sqrt(sigmoid(class) * sigmoid(iou)); masked classes -> 0.
+
+    Without an IoU head (`MODEL.USE_IOU_BRANCH` off; on in every released config): sigmoid(class).
+    """
+    if iou_logits is None:
+        return class_logits.sigmoid()
+    return torch.sqrt(class_logits.sigmoid() * iou_logits.reshape(-1, 1).sigmoid())
 
 
 def select_instances(
@@ -337,45 +341,66 @@ def panoptic_merge(
     *,
     object_mask_threshold: float = OBJECT_MASK_THRESHOLD,
     overlap_threshold: float = OVERLAP_THRESHOLD,
+    chunk: int | None = 128,
 ) -> tuple[torch.Tensor, list[dict]]:
     """The release's `panoptic_inference`: (H, W) int32 segment ids (0 = void) + segments_info.
 
-    Queries with max prob > `object_mask_threshold` compete per pixel by prob x sigmoid(mask);
-    a query keeps `argmax == q & sigmoid >= 0.5` if that is non-empty and its argmax area is at
-    least `overlap_threshold` of its own mask area; stuff classes reuse their first segment id.
-    segments_info: [{"id", "isthing", "category_id" (0-based)}] in segment order.
+    Queries with max prob > `object_mask_threshold` compete per pixel by prob x sigmoid(mask)
+    (argmax, first query on ties); in query order, a query keeps `argmax == q & sigmoid >= 0.5`
+    if that is non-empty and its argmax area is at least `overlap_threshold` of its own mask
+    area; stuff classes reuse their first segment id. segments_info: [{"id", "isthing",
+    "category_id" (0-based)}] in segment order. `chunk`: queries upsampled at a time (None: all
+    at once, as the release); the result is the same, only the peak memory differs.
     """
     scores, labels = class_probs.max(-1)
-    keep = scores > object_mask_threshold
+    kept = torch.where(scores > object_mask_threshold)[0]
     out_h, out_w = int(output_size[0]), int(output_size[1])
     panoptic = torch.zeros((out_h, out_w), dtype=torch.int32, device=class_probs.device)
     segments: list[dict] = []
-    if not bool(keep.any()):
+    if kept.numel() == 0:
         return panoptic, segments
-    masks = upsample_mask_logits(mask_logits[keep], image_size, output_size).sigmoid()
-    cur_scores, cur_classes = scores[keep], labels[keep]
-    winner = (cur_scores.view(-1, 1, 1) * masks).argmax(0)
+    cur_scores, cur_classes = scores[kept], labels[kept].tolist()
+    step = kept.numel() if chunk is None else max(1, chunk)
+    spans = [(s, min(s + step, kept.numel())) for s in range(0, kept.numel(), step)]
+
+    def probs_of(s: int, e: int) -> torch.Tensor:
+        return upsample_mask_logits(mask_logits[kept[s:e]], image_size, output_size).sigmoid()
+
+    # pass 1: the winning query of every pixel (strict > keeps the earlier query on ties)
+    cache = probs_of(*spans[0]) if len(spans) == 1 else None
+    best = winner = None
+    for s, e in spans:
+        masks = cache if cache is not None else probs_of(s, e)
+        top, arg = (cur_scores[s:e].view(-1, 1, 1) * masks).max(0)
+        if best is None:
+            best, winner = top, arg
+        else:
+            better = top > best
+            best, winner = torch.where(better, top, best), torch.where(better, arg + s, winner)
+    # pass 2: each query in order keeps or loses its segment
     stuff_ids: dict[int, int] = {}
     next_id = 0
-    for k in range(cur_classes.shape[0]):
-        cls = int(cur_classes[k])
-        thing = bool(is_thing.get(cls + 1, True))
-        own = masks[k] >= PANOPTIC_MASK_THRESHOLD
-        won = winner == k
-        segment = won & own
-        won_area, own_area = int(won.sum()), int(own.sum())
-        if won_area == 0 or own_area == 0 or not bool(segment.any()):
-            continue
-        if won_area / own_area < overlap_threshold:
-            continue
-        if not thing and cls in stuff_ids:
-            panoptic[segment] = stuff_ids[cls]
-            continue
-        next_id += 1
-        if not thing:
-            stuff_ids[cls] = next_id
-        panoptic[segment] = next_id
-        segments.append({"id": next_id, "isthing": thing, "category_id": cls})
+    for s, e in spans:
+        masks = cache if cache is not None else probs_of(s, e)
+        for k in range(s, e):
+            cls = cur_classes[k]
+            thing = bool(is_thing.get(cls + 1, True))
+            own = masks[k - s] >= PANOPTIC_MASK_THRESHOLD
+            won = winner == k
+            segment = won & own
+            won_area, own_area = int(won.sum()), int(own.sum())
+            if won_area == 0 or own_area == 0 or not bool(segment.any()):
+                continue
+            if won_area / own_area < overlap_threshold:
+                continue
+            if not thing and cls in stuff_ids:
+                panoptic[segment] = stuff_ids[cls]
+                continue
+            next_id += 1
+            if not thing:
+                stuff_ids[cls] = next_id
+            panoptic[segment] = next_id
+            segments.append({"id": next_id, "isthing": thing, "category_id": cls})
     return panoptic, segments
 
 
@@ -437,7 +462,9 @@ def postprocess_release(
         logits = torch.cat([thing_class_logits[keep], stuff_class_logits], dim=0)
         probs = clip.panoptic_probs(logits, crop_mask_logits(masks, image_size))
     sem = semantic_map(probs, masks, image_size, output_size, chunk=semantic_chunk)
-    pano, segments = panoptic_merge(probs, masks, image_size, output_size, is_thing)
+    pano, segments = panoptic_merge(
+        probs, masks, image_size, output_size, is_thing, chunk=semantic_chunk
+    )
     return ReleaseResult(instances, sel, sem, pano, segments, probs)
 
 

@@ -21,6 +21,7 @@ from hipie.postprocess_release import (
     instance_masks,
     instance_probs,
     panoptic_class_probs,
+    panoptic_merge,
     part_instance_masks,
     postprocess_release,
     select_instances,
@@ -160,6 +161,12 @@ def test_postproc_pass(config):
         res.panoptic_probs, masks, meta["image_size"], meta["output_size"], chunk=None
     )
     assert torch.equal(sem, f["postproc/out/sem_seg"])
+    for chunk in (1, 5, None):  # chunked panoptic merge: same ids, same segments
+        pano, info = panoptic_merge(
+            res.panoptic_probs, masks, meta["image_size"], meta["output_size"], is_thing,
+            chunk=chunk,
+        )  # fmt: skip
+        assert torch.equal(pano, res.panoptic_seg) and info == res.segments_info, chunk
     assert torch.equal(res.panoptic_seg, f["postproc/out/panoptic_seg"])
     assert res.segments_info == meta["segments_info"]
 
@@ -301,8 +308,6 @@ def test_pure_nms_matches_torchvision_on_random_boxes():
 
 def test_panoptic_rules_by_hand():
     """Overlap rule, stuff segments sharing an id, void where no query wins its own pixels."""
-    from hipie.postprocess_release import panoptic_merge
-
     big = torch.full((4, 4), -9.0)
     big[:2] = 9.0
     small = torch.full((4, 4), -9.0)
