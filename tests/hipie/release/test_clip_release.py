@@ -25,7 +25,7 @@ from hipie.clip_release import (
 from hipie.clip_seen_labels import COCO_PANOPTIC_TRAIN_NAMES
 from hipie.modeling.vl_align import token_to_class_logits
 from hipie.postprocess_release import MASKED_LOGIT, crop_mask_logits, postprocess_release
-from tests.hipie.release.test_postprocess_release import NUM_BG, synthetic_postproc_inputs
+from tests.hipie.release.synthetic_postproc import NUM_BG, synthetic_postproc_inputs
 
 open_clip = pytest.importorskip("open_clip")
 

@@ -16,7 +16,7 @@ from hipie.clip_release import ClipEnsemble
 from hipie.modeling.vl_align import token_to_class_logits
 from hipie.postprocess_release import class_logit_modes, postprocess_release
 from tests.hipie.release.reference import assert_close
-from tests.hipie.release.test_postprocess_release import NUM_BG, synthetic_postproc_inputs
+from tests.hipie.release.synthetic_postproc import NUM_BG, synthetic_postproc_inputs
 
 DATA = Path(__file__).parent / "data" / "postproc_oracle"
 
