@@ -216,3 +216,28 @@ def test_class_probs_and_ensemble_wiring(tiny_clip):
     expected = clip_panoptic_probs(logits, q_pano, ens.seen, DEMO_SETTINGS)
     assert torch.allclose(res.panoptic_probs, expected, atol=1e-6)
     assert res.sem_seg.shape == (5, 120, 160) and res.panoptic_seg.shape == (120, 160)
+
+
+@pytest.mark.slow
+def test_release_architecture_with_random_weights():
+    """The release's CLIP architecture (ViT-L-14-336, QuickGELU), random weights: 336 px input,
+    577 image tokens + one token per mask; a full mask gives the image embedding."""
+    torch.manual_seed(0)
+    model = open_clip.create_model(CLIP_RANDOM_MODEL_NAME, pretrained=None).eval()
+    mc = MaskClip(model)
+    assert (
+        mc.image_size == (336, 336) and model.visual.transformer.resblocks[0].attn.num_heads == 16
+    )
+    image = _image(5, 304, 456)
+    masks = torch.randn(1, 4, 76, 114, generator=torch.Generator().manual_seed(6)) * 4
+    masks[0, 0] = 8.0
+    emb = mc.mask_embeddings(image, masks)
+    assert emb.shape == (1, 4, 768)
+    x = torch.nn.functional.interpolate(
+        image, size=(336, 336), mode="bilinear", align_corners=False
+    )
+    with torch.no_grad():
+        ref = model.encode_image((x - mc.mean) / mc.std)
+    assert float((emb[0, 0] - ref[0]).abs().max()) < 1e-4 * float(ref.abs().max())
+    q = mc.class_probs(image[0], masks[0], ["person", "dog", "horse head"])
+    assert q.shape == (4, 3) and torch.allclose(q.sum(-1), torch.ones(4), atol=1e-5)
