@@ -283,9 +283,13 @@ class ClipEnsemble:
 
     `image`: (3, h, w) RGB in [0, 1], the resized image before padding (the release's
     `x["image"] / 255`); `class_names`: the pass's classes (synonyms joined by ","); `seen`
-    (C,) bool, default: `seen_classes` against the release's COCO-panoptic vocabulary. Meant for
-    detection passes: the release's grounding pass classifies its one class against the
-    `open_seg_labels` it is given, which the demo sets to the COCO-panoptic classes.
+    (C,) bool, default: `seen_classes` against the release's COCO-panoptic vocabulary.
+
+    For detection passes only. With CLIP on, the release's grounding pass (one class) is scored
+    against the `open_seg_labels` the demo passes (the 133 COCO-panoptic classes): probs become
+    (Q, 133) and its top-1 takes kept query number `flat index` of (kept query x 133) (the index
+    is divided by 1, the prompt's class count), an IndexError when that exceeds the kept count
+    (checked with the official code). That is a bug, not a method: run grounding without CLIP.
     """
 
     def __init__(
