@@ -224,7 +224,8 @@ def build_bert(source: str | Path = RANDOM) -> nn.Module:
         return BertModel.from_pretrained(str(source), add_pooling_layer=False)
     except (OSError, ValueError) as err:
         raise BertWeightsMissing(
-            f"BERT weights {str(source)!r} are not available ({err.__class__.__name__}). "
+            f"BERT weights {str(source)!r} are not available "
+            f"({err.__class__.__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
             "Provide them one of these ways: a release checkpoint (its text_encoder.body.model.* "
             "entries are the BERT weights); a local folder with config.json and "
             "model.safetensors / pytorch_model.bin of bert-base-uncased (e.g. made on a machine "
