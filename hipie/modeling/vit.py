@@ -72,8 +72,8 @@ def _relative_table(q_size: int, k_size: int, table: torch.Tensor) -> torch.Tens
     n = int(2 * max(q_size, k_size) - 1)
     if table.shape[0] != n:
         table = F.interpolate(table.t()[None], size=n, mode="linear")[0].t()
-    q = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
-    k = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    q = torch.arange(q_size, device=table.device)[:, None] * max(k_size / q_size, 1.0)
+    k = torch.arange(k_size, device=table.device)[None, :] * max(q_size / k_size, 1.0)
     offsets = (q - k) + (k_size - 1) * max(q_size / k_size, 1.0)
     return table[offsets.long()]
 
@@ -91,21 +91,36 @@ class Attention(nn.Module):
         self.rel_pos_h = nn.Parameter(torch.zeros(2 * rel_size[0] - 1, head_dim))
         self.rel_pos_w = nn.Parameter(torch.zeros(2 * rel_size[1] - 1, head_dim))
 
+    # Attention maps are computed for at most this many (batch x head) x query x key entries at a
+    # time (1 GiB in fp32): a global block at 1024 x 2048 px has 8192 tokens, i.e. 4 GiB per map
+    # stack. Chunking the batch-head axis changes no value.
+    max_attn_elements = 1 << 28
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, h, w, _ = x.shape
         nh = self.num_heads
         qkv = self.qkv(x).reshape(b, h * w, 3, nh, -1).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.reshape(3, b * nh, h * w, -1).unbind(0)
-        attn = (q * self.scale) @ k.transpose(-2, -1)
         rh = _relative_table(h, h, self.rel_pos_h)
         rw = _relative_table(w, w, self.rel_pos_w)
-        rq = q.reshape(b * nh, h, w, -1)
+        step = max(1, self.max_attn_elements // (h * w) ** 2)
+        outs = [
+            self._attend(q[i : i + step], k[i : i + step], v[i : i + step], rh, rw, h, w)
+            for i in range(0, b * nh, step)
+        ]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        out = out.view(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
+        return self.proj(out)
+
+    def _attend(self, q, k, v, rh, rw, h: int, w: int) -> torch.Tensor:
+        n = q.shape[0]
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        rq = q.reshape(n, h, w, -1)
         bias_h = torch.einsum("bhwc,hkc->bhwk", rq, rh)
         bias_w = torch.einsum("bhwc,wkc->bhwk", rq, rw)
-        attn = attn.view(b * nh, h, w, h, w) + bias_h[..., :, None] + bias_w[..., None, :]
-        attn = attn.view(b * nh, h * w, h * w).softmax(dim=-1)
-        out = (attn @ v).view(b, nh, h, w, -1).permute(0, 2, 3, 1, 4).reshape(b, h, w, -1)
-        return self.proj(out)
+        attn = attn.view(n, h, w, h, w) + bias_h[..., :, None] + bias_w[..., None, :]
+        attn = attn.view(n, h * w, h * w).softmax(dim=-1)
+        return attn @ v
 
 
 class Mlp(nn.Module):

@@ -316,6 +316,11 @@ def test_small_variants_build_and_shapes():
     assert out["res3"].shape == (1, 32, 8, 12) and out["res5"].shape == (1, 64, 2, 3)
     assert vit.blocks[0].window_size == 4 and vit.blocks[2].window_size == 0
     assert vit.blocks[2].attn.rel_pos_h.shape == (31, 16)
+    attn = vit.blocks[2].attn
+    tokens = torch.randn(2, 5, 7, 64)
+    whole = attn(tokens)
+    attn.max_attn_elements = 3 * 35 * 35  # 3 of the 8 batch-head maps at a time
+    assert torch.allclose(attn(tokens), whole, atol=1e-6, rtol=0)
 
 
 def test_missing_bert_weights_say_what_to_provide(tmp_path):
