@@ -107,11 +107,8 @@ class StuffBranch(nn.Module):
         """
         mask_features, levels, memory = self.pixel_decoder(features)
         dec = self.predictor(levels, mask_features)
-        logits = self.cls_embed[-1](dec.class_embeds[-1], tokens)
-        if token_mask is not None:
-            logits = logits.masked_fill(~token_mask.bool()[:, None, :], MASKED_LOGIT)
         return StuffOutputs(
-            token_logits=logits,
+            token_logits=self.score(dec.class_embeds[-1], tokens, token_mask),
             boxes=dec.pred_boxes,
             mask_logits=dec.pred_masks,
             decoder=dec,
@@ -119,6 +116,22 @@ class StuffBranch(nn.Module):
             levels=levels,
             memory=memory,
         )
+
+    def score(
+        self,
+        class_embed: torch.Tensor,
+        tokens: torch.Tensor,
+        token_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token logits (B, Q, T) of final class embeddings (B, Q, 256) for a prompt.
+
+        The image part of the branch does not depend on the prompt, so a second prompt on the same
+        image (the part pass) can reuse `out.decoder.class_embeds[-1]` and call only this.
+        """
+        logits = self.cls_embed[-1](class_embed, tokens)
+        if token_mask is not None:
+            logits = logits.masked_fill(~token_mask.bool()[:, None, :], MASKED_LOGIT)
+        return logits
 
     def layer_token_logits(self, out: StuffOutputs, tokens: torch.Tensor) -> list[torch.Tensor]:
         """Token logits of every prediction (initial, then each layer), the release's heads
