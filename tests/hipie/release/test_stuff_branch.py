@@ -30,7 +30,7 @@ from hipie.modeling.stuff_branch import (
     StuffBranch,
     release_state_dict,
 )
-from hipie.modeling.vl_align import token_to_class_logits
+from hipie.modeling.vl_align import MASKED_LOGIT, token_to_class_logits
 
 from .reference import FIXTURES, SHARED, assert_close, fixture, key_list, rule_state_dict
 
@@ -116,6 +116,14 @@ def test_heads_from_stored_decoder_state(branch):
     for pass_name in ("det", "part", "ref"):
         _check_class_logits(pass_name, branch.score(class_embed, _tokens(pass_name)), report)
     print(report)
+    # A token mask only overwrites the padded columns.
+    tokens = _tokens("det")
+    valid = torch.ones(tokens.shape[:2], dtype=torch.bool)
+    valid[:, -3:] = False
+    masked, plain = branch.score(class_embed, tokens, valid), branch.score(class_embed, tokens)
+    assert (masked[..., -3:] == MASKED_LOGIT).all() and torch.equal(
+        masked[..., :-3], plain[..., :-3]
+    )
 
 
 def _backbone_features(weights) -> tuple[dict[str, torch.Tensor], str]:
@@ -175,6 +183,8 @@ def test_stuff_branch_from_backbone(weights, branch):
         report[name] = _err(actual, ref)
     assert torch.equal(dec.topk_indices[0], f["det/stuff/topk_proposals"]), "topk_proposals"
     _check_class_logits("det", out.token_logits, report)
+    layers = branch.layer_token_logits(out, _tokens("det"))
+    assert len(layers) == 10 and torch.equal(layers[-1], out.token_logits)
     for pass_name in ("part", "ref"):  # same image: only the VL head sees the new prompt
         _check_class_logits(
             pass_name, branch.score(dec.class_embeds[-1], _tokens(pass_name)), report
