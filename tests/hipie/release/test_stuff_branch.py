@@ -6,14 +6,13 @@ official code with the same weights and image). ViT-H is marked slow (its rule w
 3.2 GB).
 
 The branch starts from the backbone's res3, res4 and res5, but the shipped fixtures store only
-res5. `test_stuff_branch_from_backbone` therefore gets res3..res5 from, in this order:
-1. (r50) our R50 backbone (`hipie.modeling.resnet.ResNet`, on the fixture's image) when the
-   checkout has it;
-2. a fixture regenerated with the oracle that keeps `det/backbone/res3|res4` (folder given by
-   `HIPIE_REF_FULL_R50` / `HIPIE_REF_FULL_VIT_H`, default `../hipie_ref/fx_h3_full` /
-   `../hipie_ref/fx_h3_vith` beside `shared/`; the command is in `FULL_FIXTURE_COMMAND`);
-and skips, saying so, when neither is there. `test_heads_from_stored_decoder_state` needs neither:
-it starts from the stored last decoder state.
+res5: `test_stuff_branch_from_backbone` runs our backbone (`hipie.modeling.resnet` / `vit`, from
+branch wip/h1) on the fixture's image and checks its res5 on the way. For debugging without the
+backbone, `HIPIE_STUFF_FROM_FIXTURE=1` takes res3..res5 from a fixture regenerated with the oracle
+that keeps `det/backbone/res3|res4` (folders `HIPIE_REF_FULL_R50` / `HIPIE_REF_FULL_VIT_H`, default
+`../hipie_ref/fx_h3_full` / `fx_h3_vith` beside `shared/`; command in `FULL_FIXTURE_COMMAND`), and
+skips when it is absent. `test_heads_from_stored_decoder_state` needs no backbone: it starts from
+the stored last decoder state.
 """
 
 from __future__ import annotations
@@ -25,12 +24,15 @@ import pytest
 import torch
 
 from hipie.modeling.common import inverse_sigmoid
+from hipie.modeling.image_input import batch_images, normalize
+from hipie.modeling.resnet import ResNet, ResNetSpec
 from hipie.modeling.stuff_branch import (
     RELEASE_PREFIXES,
     TRAINING_ONLY_PREFIXES,
     StuffBranch,
     release_state_dict,
 )
+from hipie.modeling.vit import ViT, ViTSpec
 from hipie.modeling.vl_align import MASKED_LOGIT, token_to_class_logits
 
 from .reference import SHARED, assert_close, fixture, key_list, rule_state_dict
@@ -50,8 +52,6 @@ FULL_FIXTURE_COMMAND = (
     "--threads 2 --out DIR (vit_h: add --cfg-opts MODEL.CLIP.ENABLED False)"
 )
 BACKBONE_PREFIX = "detr.detr.backbone.0.backbone."
-PIXEL_MEAN = (123.675, 116.28, 103.53)
-PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 @pytest.fixture(scope="module", params=CONFIGS)
@@ -139,21 +139,23 @@ def test_heads_from_stored_decoder_state(loaded):
 
 
 def _backbone_features(config: str, weights) -> tuple[dict[str, torch.Tensor], str]:
-    try:
-        from hipie.modeling.resnet import ResNet
-    except ImportError:
-        ResNet = None
-    if config == "r50" and ResNet is not None:
-        backbone = ResNet().eval()
+    """res3..res5 of the fixture's image through our backbone (H1's `resnet` / `vit`), or, with
+    `HIPIE_STUFF_FROM_FIXTURE=1`, the ones stored in a regenerated full fixture."""
+    if os.environ.get("HIPIE_STUFF_FROM_FIXTURE") != "1":
+        if config == "r50":
+            backbone = ResNet(ResNetSpec())
+        else:
+            with torch.device("meta"):
+                backbone = ViT(ViTSpec.preset("huge"))
         n = len(BACKBONE_PREFIX)
-        backbone.load_state_dict(
-            {k[n:]: v for k, v in weights.items() if k.startswith(BACKBONE_PREFIX)}, strict=True
-        )
-        image = fixture(config)["input/image_uint8"].float()
-        mean, std = torch.tensor(PIXEL_MEAN)[:, None, None], torch.tensor(PIXEL_STD)[:, None, None]
-        # One image: the release pads the batch to its own size (ResNet size_divisibility 0).
+        entries = {k[n:]: v for k, v in weights.items() if k.startswith(BACKBONE_PREFIX)}
+        backbone.load_state_dict(entries, strict=True, assign=True)
+        image = normalize(fixture(config)["input/image_uint8"])
+        # The release pads to the backbone's size divisibility (R50: none, ViT: 32); the stuff
+        # branch then ignores the padding.
+        images, _, _ = batch_images([image], backbone.size_divisibility)
         with torch.no_grad():
-            return backbone(((image - mean) / std)[None]), "hipie.modeling.resnet"
+            return backbone.eval()(images), f"our backbone ({type(backbone).__name__})"
     folder = FULL_FIXTURES[config]
     if (folder / "reference.safetensors").exists():
         from safetensors import safe_open
@@ -162,10 +164,7 @@ def _backbone_features(config: str, weights) -> tuple[dict[str, torch.Tensor], s
         names = [f"det/backbone/{k}" for k in ("res3", "res4", "res5")]
         if set(names) <= set(full.keys()):
             return {n.rsplit("/", 1)[1]: full.get_tensor(n) for n in names}, str(folder)
-    pytest.skip(
-        f"{config}: res3/res4 needed: no backbone module for them in this checkout and no full "
-        f"fixture at {folder} (make one with: {FULL_FIXTURE_COMMAND})"
-    )
+    pytest.skip(f"{config}: no full fixture at {folder} (make one with: {FULL_FIXTURE_COMMAND})")
 
 
 @torch.no_grad()
