@@ -130,7 +130,7 @@ def encoder_proposals(memory: torch.Tensor, shapes: torch.Tensor):
     props = torch.cat(boxes, 0)[None].expand(memory.shape[0], -1, -1)
     valid = ((props > 0.01) & (props < 0.99)).all(-1, keepdim=True)
     props = torch.log(props / (1 - props)).masked_fill(~valid, float("inf"))
-    return memory.masked_fill(~valid, 0.0), props
+    return memory.masked_fill(~valid, 0.0), props.to(memory.dtype)
 
 
 class MaskDINODecoder(nn.Module):

@@ -185,17 +185,20 @@ class MaskDINOEncoder(nn.Module):
         self.layer_1 = ConvNorm(dim, dim, 3, relu=True)
 
     def forward(self, features: Mapping[str, torch.Tensor]):
-        feats = {k: features[k].float() for k in FEATURE_NAMES}
+        # The release runs this module in float32 (autocast off, features `.float()`); here the
+        # features take the weights' dtype, which is float32 unless the caller casts the model.
+        dtype = self.input_proj[0][0].weight.dtype
+        feats = {k: features[k].to(dtype) for k in FEATURE_NAMES}
         srcs, pos = [], []
         for i, name in enumerate(FEATURE_NAMES):
             x = feats[name]
             srcs.append(self.input_proj[i](x))
-            pos.append(normalized_sine_pos(*x.shape[-2:], self.dim, x.device))
+            pos.append(normalized_sine_pos(*x.shape[-2:], self.dim, x.device).to(dtype))
         x, extra = feats[self.extra_source], []
         for lvl in range(len(FEATURE_NAMES), self.num_levels):
             x = self.input_proj[lvl](x)
             extra.append(x)
-            pos.append(normalized_sine_pos(*x.shape[-2:], self.dim, x.device))
+            pos.append(normalized_sine_pos(*x.shape[-2:], self.dim, x.device).to(dtype))
         # The release reverses the extra levels but not their position encodings (moot with the
         # released configs' single extra level).
         srcs.extend(extra[::-1])

@@ -128,7 +128,7 @@ class StuffBranch(nn.Module):
         The image part of the branch does not depend on the prompt, so a second prompt on the same
         image (the part pass) can reuse `out.decoder.class_embeds[-1]` and call only this.
         """
-        logits = self.cls_embed[-1](class_embed, tokens)
+        logits = self.cls_embed[-1](class_embed, tokens.to(class_embed.dtype))
         if token_mask is not None:
             logits = logits.masked_fill(~token_mask.bool()[:, None, :], MASKED_LOGIT)
         return logits
@@ -138,4 +138,4 @@ class StuffBranch(nn.Module):
         `cls_embed[0..L-1]` for the auxiliary ones and `cls_embed[-1]` for the last."""
         embeds = out.decoder.class_embeds
         heads = list(self.cls_embed[: len(embeds) - 1]) + [self.cls_embed[-1]]
-        return [head(e, tokens) for head, e in zip(heads, embeds)]
+        return [head(e, tokens.to(e.dtype)) for head, e in zip(heads, embeds)]

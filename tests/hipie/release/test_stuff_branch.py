@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from hipie.modeling.common import inverse_sigmoid
 from hipie.modeling.image_input import batch_images, normalize
@@ -199,3 +200,26 @@ def test_stuff_branch_from_backbone(loaded):
         logits = branch.score(dec.class_embeds[-1], _tokens(config, pass_name))
         _check_class_logits(config, pass_name, logits, report)
     print(config, report)
+
+
+@torch.no_grad()
+def test_batch_matches_single_images_and_bf16_runs():
+    """A small random branch: a batch of two equals each image alone; bf16 weights run."""
+    torch.manual_seed(0)
+    model = StuffBranch((32, 64, 128), dim=64, text_dim=48, num_queries=20, ffn_dim=96).eval()
+    model.apply(lambda m: isinstance(m, nn.LayerNorm) and nn.init.normal_(m.weight, 1.0, 0.1))
+    feats = [
+        {"res3": torch.randn(1, 32, 16, 24), "res4": torch.randn(1, 64, 8, 12)}
+        | {"res5": torch.randn(1, 128, 4, 6)}
+        for _ in range(2)
+    ]
+    tokens = torch.randn(2, 5, 48)
+    both = model({k: torch.cat([f[k] for f in feats]) for k in feats[0]}, tokens)
+    for i, f in enumerate(feats):
+        one = model(f, tokens[i : i + 1])
+        assert torch.allclose(both.token_logits[i], one.token_logits[0], atol=1e-4)
+        assert torch.allclose(both.mask_logits[i], one.mask_logits[0], atol=1e-3)
+        assert torch.allclose(both.boxes[i], one.boxes[0], atol=1e-5)
+    assert both.mask_logits.shape == (2, 20, 32, 48) and both.boxes.shape == (2, 20, 4)
+    out = model.to(torch.bfloat16)(feats[0], tokens[:1])
+    assert out.token_logits.dtype == torch.bfloat16 and torch.isfinite(out.mask_logits).all()
