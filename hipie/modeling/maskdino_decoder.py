@@ -194,6 +194,8 @@ class MaskDINODecoder(nn.Module):
         ref_unsig = torch.gather(enc_boxes, 1, topk[..., None].expand(-1, -1, 4))
         tgt = torch.gather(out_memory, 1, topk[..., None].expand(-1, -1, self.dim))
 
+        # The release also scores the selected proposals with masks here (`interm_outputs`, for
+        # its training loss only); inference never reads them, so they are not computed.
         class_embeds = [self.heads(tgt, None)[0]]  # INITIAL_PRED: scores of the selections
         ref = ref_unsig.sigmoid()
         refs, hidden = [ref], []
