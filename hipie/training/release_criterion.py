@@ -214,8 +214,8 @@ class ReleaseCriterion(nn.Module):
         class_tokens: torch.Tensor,
         token_mask: torch.Tensor | None,
     ) -> tuple[dict[str, torch.Tensor], list[Pair]]:
-        """Unweighted-by-group losses of one decoder layer and its simOTA pairs."""
-        w, nb = self.thing, outputs.num_background
+        """Losses of one decoder layer (not x the group weight) and its simOTA pairs."""
+        nb = outputs.num_background
         logits, boxes, iou_logits = branch.layer_heads(
             outputs.hidden, outputs.init_reference, outputs.inter_references, class_tokens, layer
         )
@@ -224,11 +224,41 @@ class ReleaseCriterion(nn.Module):
             release_simota(logits[b], boxes[b], t.positive_map.to(logits.device), t.boxes)
             for b, t in enumerate(things)
         ]
+        masks = [
+            branch.mask_logits(outputs, pred.to(boxes.device) + nb, t.image_size, b, layer=layer)
+            if pred.numel()
+            else boxes.new_zeros((0, *grids[b].shape[-2:]))
+            for b, ((pred, _), t) in enumerate(zip(pairs, things))
+        ]
+        losses = self.matched_query_losses(
+            logits, boxes, iou_logits, masks, pairs, things, grids, token_mask
+        )
+        return losses, pairs
+
+    def matched_query_losses(
+        self,
+        logits: torch.Tensor,
+        boxes: torch.Tensor,
+        iou_logits: torch.Tensor,
+        masks: Sequence[torch.Tensor],
+        pairs: Sequence[Pair],
+        things: Sequence[ReleaseTargets],
+        grids: Sequence[torch.Tensor],
+        token_mask: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The release's `loss_labelsVL`, `loss_boxes` (with `loss_boxiou`) and `loss_masks` of
+        one layer, weighted (not x the group weight).
+
+        logits (B, Q, T), boxes (B, Q, 4), iou_logits (B, Q) of the two-stage queries; masks[b]
+        (K_b, h, w) logits of image b's matched queries in `pairs[b]` order; grids[b] the target
+        masks of `things[b]` on the same grid.
+        """
+        w = self.thing
         num = sum(int(p.numel()) for p, _ in pairs)
         if num == 0:
             zero = logits.sum() * 0.0 + boxes.sum() * 0.0 + iou_logits.sum() * 0.0
             names = ("loss_ce", "loss_bbox", "loss_giou", "loss_boxiou", "loss_mask", "loss_dice")
-            return {k: zero for k in names}, pairs
+            return {k: zero for k in names}
         positive = [t.positive_map.float() for t in things]
         ce = _token_focal(logits, pairs, positive, token_mask, w.focal_alpha, w.focal_gamma)
         pred_boxes = _gather_pred(pairs, boxes)
@@ -236,36 +266,26 @@ class ReleaseCriterion(nn.Module):
         with torch.no_grad():
             iou = torch.diag(box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(tgt_boxes)))
         iou_loss = F.binary_cross_entropy_with_logits(_gather_pred(pairs, iou_logits), iou)
-        mask_focal, dice = [], []
-        for b, (pred, tgt) in enumerate(pairs):
-            if pred.numel() == 0:
-                continue
-            rows = pred.to(boxes.device) + nb
-            logit = branch.mask_logits(outputs, rows, things[b].image_size, b, layer=layer)
-            target = grids[b][tgt.to(grids[b].device)].to(logit)
-            mask_focal.append(
-                sigmoid_focal_loss(
-                    logit.flatten(1), target.flatten(1), alpha=w.focal_alpha, gamma=w.focal_gamma
-                ).mean(1)
-            )
-            dice.append(dice_loss(logit.flatten(1), target.flatten(1)))
-        losses = {
+        pred_masks = torch.cat([m.flatten(1) for m in masks])
+        tgt_masks = _gather(pairs, list(grids)).to(pred_masks).flatten(1)
+        focal = sigmoid_focal_loss(pred_masks, tgt_masks, alpha=w.focal_alpha, gamma=w.focal_gamma)
+        return {
             "loss_ce": w.cls * ce / num,
             "loss_bbox": w.box_l1 * box_l1_loss(pred_boxes, tgt_boxes).sum() / num,
             "loss_giou": w.giou * giou_loss(pred_boxes, tgt_boxes).sum() / num,
             "loss_boxiou": w.box_iou * iou_loss,
-            "loss_mask": w.mask * torch.cat(mask_focal).sum() / num,
-            "loss_dice": w.dice * torch.cat(dice).sum() / num,
+            "loss_mask": w.mask * focal.mean(1).sum() / num,
+            "loss_dice": w.dice * dice_loss(pred_masks, tgt_masks).sum() / num,
         }
-        return losses, pairs
 
     def proposal_losses(
-        self, outputs: ThingOutputs, targets: Sequence[ReleaseTargets]
+        self, enc_class: torch.Tensor, enc_boxes: torch.Tensor, targets: Sequence[ReleaseTargets]
     ) -> dict[str, torch.Tensor]:
-        """Two-stage encoder proposals vs all targets (binary class), unweighted by group."""
+        """Two-stage proposals (B, S) scores, (B, S, 4) boxes vs all targets (binary class),
+        weighted (not x the group weight)."""
         w = self.thing
-        logits = outputs.enc_class[..., None]  # B x S x 1
-        boxes = outputs.enc_boxes
+        logits = enc_class[..., None]  # B x S x 1
+        boxes = enc_boxes
         ones = [torch.ones(len(t), 1, device=logits.device) for t in targets]
         pairs = [
             release_hungarian(
@@ -324,7 +344,8 @@ class ReleaseCriterion(nn.Module):
             losses.update({k + suffix: self.thing.fg * v for k, v in layer_losses.items()})
         has_thing = any(len(t) for t in things)
         group = self.thing.proposals if has_thing else 0.0
-        losses.update({k: group * v for k, v in self.proposal_losses(outputs, targets).items()})
+        proposals = self.proposal_losses(outputs.enc_class, outputs.enc_boxes, targets)
+        losses.update({k: group * v for k, v in proposals.items()})
         return losses
 
     # ------------------------------------------------------------------ stuff branch
