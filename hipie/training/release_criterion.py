@@ -40,6 +40,16 @@ Normalizers are not all-reduced over processes (the release averages them over G
 Loss names are the release's: `loss_ce`, `loss_bbox`, `loss_giou`, `loss_boxiou`, `loss_mask`,
 `loss_dice`; suffix `_{i}` for earlier decoder layer i, `_enc` for the thing proposals,
 `_interm` for the stuff proposals, then `_maskdino` for the stuff branch. Values are weighted.
+
+Use (one detection batch):
+
+    out = branch(srcs, pad_masks, tokens, token_mask)
+    losses = ReleaseCriterion()(
+        targets=targets, branch=branch, things=out, token_mask=token_mask,
+        stuff_layers=[SetPrediction(logits, boxes, masks) for each stuff prediction],
+        stuff_proposals=SetPrediction(...),  # the stuff branch's two-stage proposals
+    )
+    losses["total"].backward()
 """
 
 from __future__ import annotations
@@ -61,6 +71,7 @@ from hipie.training.losses import (
     sigmoid_focal_loss,
 )
 from hipie.training.release_matching import HungarianCosts, release_hungarian, release_simota
+from hipie.training.release_targets import ReleaseTargets, label_positive_map, masks_on_grid
 
 __all__ = [
     "ReleaseCriterion",
@@ -68,41 +79,11 @@ __all__ = [
     "SetPrediction",
     "StuffLossWeights",
     "ThingLossWeights",
+    "label_positive_map",
     "masks_on_grid",
 ]
 
 Pair = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ReleaseTargets:
-    """Ground truth of one image for one prompt.
-
-    positive_map: (N, T) bool, the prompt tokens of each target's label (a part also marks its
-        object's tokens, as the release's part mode does); grounding: (N, 1) ones.
-    boxes: (N, 4) cxcywh normalized by `image_size` (the frame of the predicted boxes).
-    masks: (N, H, W) bool at the padded input resolution (smaller maps are zero padded).
-    is_thing: (N,) bool.
-    image_size: (h, w) of the image before padding.
-    """
-
-    positive_map: torch.Tensor
-    boxes: torch.Tensor
-    masks: torch.Tensor
-    is_thing: torch.Tensor
-    image_size: tuple[int, int]
-
-    def __len__(self) -> int:
-        return int(self.boxes.shape[0])
-
-    def subset(self, keep: torch.Tensor) -> ReleaseTargets:
-        return ReleaseTargets(
-            self.positive_map[keep],
-            self.boxes[keep],
-            self.masks[keep],
-            self.is_thing[keep],
-            self.image_size,
-        )
 
 
 @dataclass(frozen=True)
@@ -141,19 +122,6 @@ class SetPrediction:
     token_logits: torch.Tensor  # (B, Q, T)
     boxes: torch.Tensor  # (B, Q, 4) cxcywh
     masks: torch.Tensor  # (B, Q, h, w) logits on the 1/4 grid of the padded input
-
-
-def masks_on_grid(masks: torch.Tensor, grid: tuple[int, int], stride: int = 4) -> torch.Tensor:
-    """(N, H, W) masks at input resolution -> (N, h, w) float, sampled at the grid's pixel centres.
-
-    The masks are zero padded (or cropped) to (h * stride, w * stride) first, as the release pads
-    them with the batch.
-    """
-    h, w = grid
-    full = masks.new_zeros((masks.shape[0], h * stride, w * stride))
-    hh, ww = min(masks.shape[-2], h * stride), min(masks.shape[-1], w * stride)
-    full[:, :hh, :ww] = masks[:, :hh, :ww]
-    return full[:, stride // 2 :: stride, stride // 2 :: stride].float()
 
 
 def _token_focal(

@@ -15,6 +15,7 @@ from hipie.training.release_criterion import (
     ReleaseTargets,
     SetPrediction,
     StuffLossWeights,
+    label_positive_map,
     masks_on_grid,
 )
 from hipie.training.release_matching import HungarianCosts, release_hungarian, release_simota
@@ -49,6 +50,14 @@ def test_masks_on_grid_samples_pixel_centres_and_pads():
     m[0, 1, 5] = True  # not a centre
     grid = masks_on_grid(m, (2, 2))
     assert grid.tolist() == [[[1.0, 0.0], [0.0, 0.0]]]  # rows 6..7 are zero padding
+
+
+def test_label_positive_map_marks_label_and_object_tokens():
+    class_tokens = {1: [1], 2: [3, 4], 3: [6, 7]}  # "robot. robot head. robot arm"
+    got = label_positive_map(
+        torch.tensor([1, 0, 2]), class_tokens, 9, also=torch.tensor([0, -1, 0])
+    )
+    assert got.nonzero().tolist() == [[0, 1], [0, 3], [0, 4], [1, 1], [2, 1], [2, 6], [2, 7]]
 
 
 # --------------------------------------------------------------------------- matching
