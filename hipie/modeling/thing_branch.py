@@ -64,7 +64,9 @@ class ThingOutputs:
     """Per-query outputs of the thing branch for a batch; Q = num_background + num_queries."""
 
     token_logits: torch.Tensor  # (B, Q, T) VL-align logits of the last decoder layer
-    boxes: torch.Tensor  # (B, Q, 4) cxcywh normalized to the padded input
+    # (B, Q, 4) cxcywh normalized to the image before padding (the decoder works in the frame of
+    # the valid region; `mask_logits` scales by the unpadded size)
+    boxes: torch.Tensor
     iou_logits: torch.Tensor  # (B, Q)
     hidden: torch.Tensor  # (L, B, Q, D) decoder states of every layer
     init_reference: torch.Tensor  # (B, Q, 4)
@@ -73,6 +75,7 @@ class ThingOutputs:
     fused_visual: torch.Tensor  # (B, S, D) image tokens after the VL fusion
     lang: torch.Tensor  # (B, T, text_dim) text tokens after the VL fusion
     enc_class: torch.Tensor  # (B, S) two-stage proposal scores
+    enc_boxes: torch.Tensor  # (B, S, 4) two-stage proposal boxes (sigmoid; 1 at invalid tokens)
     topk_proposals: torch.Tensor  # (B, num_queries)
     mask_features: torch.Tensor  # (B, 8, H/8, W/8)
     spatial_shapes: list[tuple[int, int]]
@@ -148,13 +151,11 @@ class ThingBranch(nn.Module):
                 text tokens after the fusion (detection). Grounding passes `grounding_token`.
         """
         tr = self.transformer(srcs, masks, tokens, token_mask)
-        last = tr.hidden.shape[0] - 1
-        hs = tr.hidden[last]
         targets = tr.lang if class_tokens is None else class_tokens
-        token_logits = self.class_embed[last](hs, targets)
-        prev = tr.init_reference if last == 0 else tr.inter_references[last - 1]
-        boxes = (self.bbox_embed[last](hs) + inverse_sigmoid(prev)).sigmoid()
-        iou_logits = self.iou_head[last](hs)[..., 0]
+        last = tr.hidden.shape[0] - 1
+        token_logits, boxes, iou_logits = self.layer_heads(
+            tr.hidden, tr.init_reference, tr.inter_references, targets, last
+        )
 
         b, _, d = tr.memory.shape
         levels, start = [], 0
@@ -172,11 +173,31 @@ class ThingBranch(nn.Module):
             fused_visual=tr.fused_visual,
             lang=tr.lang,
             enc_class=tr.enc_class,
+            enc_boxes=tr.enc_boxes,
             topk_proposals=tr.topk_proposals,
             mask_features=self.mask_head(levels),
             spatial_shapes=tr.spatial_shapes,
             num_background=self.num_background,
         )
+
+    def layer_heads(
+        self,
+        hidden: torch.Tensor,
+        init_reference: torch.Tensor,
+        inter_references: torch.Tensor,
+        class_tokens: torch.Tensor,
+        layer: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(token logits (B, Q, T), boxes (B, Q, 4), IoU logits (B, Q)) of one decoder layer.
+
+        The box refines the box that entered the layer, taken *with* its gradient ("look forward
+        twice"), as the release's heads do in training and at inference.
+        """
+        hs = hidden[layer]
+        token_logits = self.class_embed[layer](hs, class_tokens)
+        prev = init_reference if layer == 0 else inter_references[layer - 1]
+        boxes = (self.bbox_embed[layer](hs) + inverse_sigmoid(prev)).sigmoid()
+        return token_logits, boxes, self.iou_head[layer](hs)[..., 0]
 
     def mask_logits(
         self,
@@ -184,6 +205,7 @@ class ThingBranch(nn.Module):
         rows: torch.Tensor,
         image_size: tuple[int, int],
         batch_index: int = 0,
+        layer: int = -1,
     ) -> torch.Tensor:
         """Mask logits at 1/4 of the padded input for chosen queries of one image.
 
@@ -193,13 +215,17 @@ class ThingBranch(nn.Module):
                 the release's two-stage query q is row `num_background + q`).
             image_size: (h, w) of the image before padding: the reference points are scaled by it
                 (the release's `image_sizes`).
+            layer: decoder layer whose states make the dynamic convs (training supervises every
+                layer's masks; inference uses the last).
         Returns:
             (K, H/4, W/4) logits, H, W = 8 x the size of the finest level.
         """
-        hs = outputs.hidden[-1, batch_index, rows]
+        layer = layer % outputs.hidden.shape[0]
+        hs = outputs.hidden[layer, batch_index, rows]
         params = self.controller(hs)
-        # the dynamic convs are centred on the boxes that entered the last decoder layer
-        ref = outputs.inter_references[-2, batch_index, rows, :2]
+        # the dynamic convs are centred on the boxes that entered the layer
+        entering = outputs.init_reference if layer == 0 else outputs.inter_references[layer - 1]
+        ref = entering[batch_index, rows, :2]
         h, w = image_size
         centres = ref * torch.tensor([w, h], dtype=ref.dtype, device=ref.device)
         return dynamic_mask_logits(

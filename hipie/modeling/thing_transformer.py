@@ -209,6 +209,7 @@ class TransformerOutputs:
     fused_visual: torch.Tensor  # (B, S, D) image tokens right after the VL fusion
     lang: torch.Tensor  # (B, T, text_dim) text tokens after the VL fusion
     enc_class: torch.Tensor  # (B, S) two-stage proposal scores
+    enc_boxes: torch.Tensor  # (B, S, 4) two-stage proposal boxes (sigmoid; 1 at invalid tokens)
     topk_proposals: torch.Tensor  # (B, num_queries) indices of the selected encoder tokens
     spatial_shapes: list[tuple[int, int]]
 
@@ -323,6 +324,7 @@ class ThingTransformer(nn.Module):
             fused_visual=fused_visual,
             lang=lang,
             enc_class=enc_class,
+            enc_boxes=enc_coord.sigmoid(),
             topk_proposals=topk,
             spatial_shapes=shapes,
         )
