@@ -23,8 +23,8 @@ import torch
 # under SKIPPED. Both backbones sit at the same official prefix.
 PREFIXES: tuple[tuple[str, str], ...] = (
     ("detr.detr.backbone.0.backbone.", "backbone."),
-    ("text_encoder.body.model.", "text.bert."),
-    ("detr.detr.input_proj.", "thing.input_proj."),
+    ("text_encoder.body.model.", "text.model."),
+    ("detr.detr.input_proj.", "input_proj.input_proj."),
     ("detr.detr.transformer.", "thing.transformer."),
     ("detr.detr.class_embed.", "thing.class_embed."),
     ("detr.detr.bbox_embed.", "thing.bbox_embed."),
@@ -32,9 +32,8 @@ PREFIXES: tuple[tuple[str, str], ...] = (
     ("detr.controller.", "thing.controller."),
     ("detr.mask_head.", "thing.mask_head."),
     ("detr.resizer.", "thing.resizer."),
-    ("detr.mask_dino.pixel_decoder.", "stuff.pixel_decoder."),
-    ("detr.mask_dino.predictor.", "stuff.predictor."),
     ("detr.mask_dino_cls_embed.", "stuff.cls_embed."),
+    ("detr.mask_dino.", "stuff."),
 )
 
 # Entries of a release checkpoint that inference does not use: loss buffers, and BERT's
