@@ -45,7 +45,9 @@ def load_model(checkpoint: str):
     return build_hipie(checkpoint=checkpoint)
 
 
-def make_predictor(model, *, device: str, clip, precision: str, test_size: int | None = None):
+def make_predictor(
+    model, *, device: str | None, clip=None, precision: str = "fp32", test_size: int | None = None
+):
     """The predictor of the model's family: ``ReleaseHierarchyPredictor`` for a ``HipieRelease``
     (``test_size`` = its shortest edge), else ``HipiePredictor`` (``test_size`` = longer side)."""
     from hipie.modeling.hipie_release import HipieRelease

@@ -120,3 +120,21 @@ def test_random_release_presets_and_hub_names_offline():
         build_hipie(checkpoint="berkeley-hipie/HIPIE/r50_parts.pth")
     with pytest.raises(FileNotFoundError, match="no release checkpoint"):
         build_hipie(checkpoint="missing_r50_parts.pth")
+
+
+def test_test_size_option_reaches_the_job_config():
+    from jobs.label import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "--input",
+            "photos",
+            "--output",
+            "out",
+            "--checkpoint",
+            "r50_parts.pth",
+            "--test-size",
+            "512",
+        ]
+    )
+    assert (args.checkpoint, args.test_size) == ("r50_parts.pth", 512)
