@@ -19,6 +19,9 @@ Layout of one sample (one image, keyed by ``image_id``):
 - ``label_fingerprint``: a hash of the version-1 detections (ids, labels, boxes) as ingested; when
   the current values hash differently, a reviewer edited the sample.
 - Error rows: the sample is tagged ``label-error`` and ``label_error`` holds the reason.
+- Unreadable media (a missing file, a missing or cut-off tar, an unreachable URI): the sample is
+  still ingested with its labels, tagged ``media-error``, and ``media_error`` holds the reason;
+  the ingest goes on.
 
 Ingest rules (see ``ingest_rows``): a run id the sample already holds changes nothing (idempotent);
 a newer run of an existing sample goes into the next version's fields and never overwrites the
@@ -53,6 +56,7 @@ LEVEL_FIELDS = {"instance": "instances", "part": "parts", "subpart": "subparts",
 FIELD_LEVELS = {field: level for level, field in LEVEL_FIELDS.items()}
 REVIEWED_TAG = "reviewed"
 ERROR_TAG = "label-error"
+MEDIA_ERROR_TAG = "media-error"  # the image cannot be shown; ``media_error`` says why
 RUN_SEPARATOR = " | "
 
 
@@ -66,6 +70,7 @@ class IngestResult:
     replaced: int  # untouched samples whose version-1 fields took the new run
     versioned: int  # samples whose new run went into new version fields
     errors: int  # error rows among the ingested rows
+    media_errors: int = 0  # new samples whose image could not be materialized (tagged)
 
 
 # --------------------------------------------------------------------------- naming
@@ -95,7 +100,9 @@ class MediaResolver:
 
     ``tar://<tar>#<member>`` extracts only ``member`` (by name, one pass over each tar per batch)
     to ``media_dir/<tar stem>/<member basename>``; the target is checked to lie inside
-    ``media_dir``. Files already there are reused, so re-ingest extracts nothing.
+    ``media_dir``. Files already there are reused, so re-ingest extracts nothing. Media that
+    cannot be had (``resolve_with_errors``) get a reason and, where no image path exists at all,
+    a placeholder path under ``media_dir/unavailable/`` that is never created.
     """
 
     def __init__(self, *, media_dir: str | os.PathLike):
@@ -127,53 +134,118 @@ class MediaResolver:
         digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
         return self._inside(self.media_dir / "remote" / f"{digest}_{self._safe_name(uri)}")
 
+    def placeholder(self, uri: str) -> str:
+        """A path that stands for media that cannot be shown (never created): an image path, as
+        FiftyOne's image datasets require, unique per URI."""
+        digest = hashlib.sha1(uri.encode()).hexdigest()[:16]
+        return str(self.media_dir / "unavailable" / f"{digest}.png")
+
     def resolve(self, uris: Sequence[str]) -> list[str]:
-        """Local paths for ``uris`` (same order); missing archive members are left unextracted."""
-        paths: list[str] = []
+        """Local paths for ``uris`` (same order); see ``resolve_with_errors``."""
+        return [path for path, _ in self.resolve_with_errors(uris)]
+
+    def resolve_with_errors(self, uris: Sequence[str]) -> list[tuple[str, str | None]]:
+        """(local path, None) or (intended path, why the image cannot be shown) per URI.
+
+        Unreadable media never stop the batch: a missing file, a tar that is missing or cut off
+        (members before the cut are extracted, the rest get the reason), a member that is not in
+        the archive, or a remote URI that cannot be fetched become that URI's error.
+        """
+        results: list[tuple[str, str | None]] = []
         wanted: dict[str, dict[str, Path]] = defaultdict(dict)  # tar path -> member -> target
         for uri in uris:
-            target = self.target(uri)
-            if target is None:
-                paths.append(uri[len("file://") :] if uri.startswith("file://") else uri)
+            try:
+                target = self.target(uri)
+            except ValueError as e:
+                results.append((self.placeholder(uri), f"unusable media URI: {e}"))
                 continue
-            paths.append(str(target))
+            path = str(target) if target is not None else uri.removeprefix("file://")
+            if not path:
+                results.append((self.placeholder(uri), "the row has no image URI"))
+                continue
+            if fo.core.media.get_media_type(path) != fo.core.media.IMAGE:
+                # e.g. the tar itself (an archive-level error row) or an orphan mask json
+                reason = f"not an image file name (FiftyOne shows images by extension): {uri}"
+                results.append((self.placeholder(uri), reason))
+                continue
+            if target is None:
+                found = os.path.isfile(path)
+                results.append((path, None if found else f"image file not found: {path}"))
+                continue
+            results.append((path, None))
             if target.exists():
                 continue
             if uri.startswith("tar://"):
                 tar_path, _, member = uri[len("tar://") :].rpartition("#")
                 wanted[tar_path][member] = target
             else:
-                self._copy_remote(uri, target)
+                try:
+                    self._copy_remote(uri, target)
+                except Exception as e:
+                    results[-1] = (path, f"cannot fetch {uri}: {_reason(e)}")
+        errors: dict[str, str] = {}  # target path -> reason
         for tar_path, members in wanted.items():
-            self._extract(tar_path, members)
-        return paths
+            errors.update(self._extract(tar_path, members))
+        return [(path, error or errors.get(path)) for path, error in results]
 
     @staticmethod
-    def _write_atomic(source, target: Path) -> None:
+    def _write_atomic(source, target: Path, size: int | None = None) -> None:
+        """Copy ``source`` to ``target`` under a temporary name; ``size``: the bytes expected
+        (a shorter copy is a cut-off file and is not kept)."""
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(source, out)
-        os.replace(tmp, target)
+        try:
+            with open(tmp, "wb") as out:
+                shutil.copyfileobj(source, out)
+                written = out.tell()
+            if size is not None and written != size:
+                raise EOFError(f"cut off after {written} of {size} bytes")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
 
-    def _extract(self, tar_path: str, members: dict[str, Path]) -> None:
+    def _extract(self, tar_path: str, members: dict[str, Path]) -> dict[str, str]:
+        """Extract ``members`` in one streaming pass; returns target path -> reason for those
+        that could not be extracted."""
         import fsspec
 
-        with fsspec.open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            left = dict(members)
-            for info in tar:  # streaming: one pass, only the named members are read
-                target = left.pop(info.name, None)
-                if target is None or not info.isfile():
-                    continue
-                self._write_atomic(tar.extractfile(info), target)
-                if not left:
-                    break
+        left = dict(members)
+        errors: dict[str, str] = {}
+        current: Path | None = None  # the member being written when the stream fails
+        try:
+            with fsspec.open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
+                for info in tar:  # streaming: one pass, only the named members are read
+                    target = left.pop(info.name, None)
+                    if target is None:
+                        continue
+                    if info.isfile():
+                        current = target
+                        self._write_atomic(tar.extractfile(info), target, info.size)
+                        current = None
+                    else:
+                        errors[str(target)] = f"tar member {info.name!r} is not a regular file"
+                    if not left:
+                        break
+        except Exception as e:  # missing, unreadable or cut-off archive: the stream is done
+            reason = f"cannot read tar {tar_path}: {_reason(e)}"
+            for target in [*([current] if current else []), *left.values()]:
+                errors[str(target)] = reason
+            left = {}
+        for member, target in left.items():
+            errors[str(target)] = f"no member {member!r} in {tar_path}"
+        return errors
 
     def _copy_remote(self, uri: str, target: Path) -> None:
         import fsspec
 
         with fsspec.open(uri, "rb") as source:
             self._write_atomic(source, target)
+
+
+def _reason(e: BaseException) -> str:
+    """An exception as one line: its type and message."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 # --------------------------------------------------------------------------- rows -> labels
@@ -267,7 +339,7 @@ def open_dataset(name: str) -> fo.Dataset:
     if fo.dataset_exists(name):
         return fo.load_dataset(name)
     dataset = fo.Dataset(name, persistent=True)
-    for field in ("image_id", "uri", "shard", "label_fingerprint"):
+    for field in ("image_id", "uri", "shard", "label_fingerprint", "media_error"):
         dataset.add_sample_field(field, fo.StringField)
     dataset.add_sample_field("label_runs", fo.ListField, subfield=fo.StringField)
     _add_version_fields(dataset, 1)
@@ -343,16 +415,22 @@ def ingest_rows(
             state[key] = {"runs": list(r or []), "tags": list(t or []), "edited": s != c}
 
     new_rows = [row for row in rows if row["image_id"] not in state]
-    paths = MediaResolver(media_dir=media_dir).resolve([row["uri"] for row in new_rows])
+    media = MediaResolver(media_dir=media_dir).resolve_with_errors([r["uri"] for r in new_rows])
     samples = []
-    for row, path in zip(new_rows, paths):
+    media_errors = 0
+    for row, (path, media_error) in zip(new_rows, media):
         labels = row_labels(row)
+        tags = [ERROR_TAG] if row["status"] == "error" else []
+        if media_error is not None:
+            tags.append(MEDIA_ERROR_TAG)
+            media_errors += 1
         sample = fo.Sample(
             filepath=path,
-            tags=[ERROR_TAG] if row["status"] == "error" else [],
+            tags=tags,
             image_id=row["image_id"],
             uri=row["uri"],
             shard=row["shard"],
+            media_error=media_error,
             label_runs=[run_id(row)],
             label_fingerprint=_labels_fingerprint(labels),
             **_version_values(row, labels),
@@ -402,6 +480,7 @@ def ingest_rows(
         replaced=replaced,
         versioned=versioned,
         errors=sum(row["status"] == "error" for row in rows),
+        media_errors=media_errors,
     )
 
 
@@ -431,7 +510,7 @@ def ingest_labels(
     dataset = open_dataset(dataset_name)
     root = Path(labels)
     media = Path(media_dir) if media_dir else (root if root.is_dir() else root.parent) / "media"
-    totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0)
+    totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0, media_errors=0)
     vocabularies = dict(dataset.info.get("vocabularies", {}))
     for rows, info in iter_label_rows(labels, batch_size=batch_size):
         result = ingest_rows(dataset, rows, media_dir=media, replace_unreviewed=replace_unreviewed)
