@@ -4,10 +4,11 @@ Examples:
   # a folder of photos, on a local Ray cluster started for this run, shipped tiny model:
   python -m jobs.label --input photos/ --output labels/
 
-  # SA-1B tar shards (their own SAM masks are used), on an existing cluster, 8 GPU actors:
-  ray job submit --working-dir . -- python -m jobs.label \\
-      --input s3://bucket/sa1b/ --output s3://bucket/labels/ --checkpoint /ckpt/hipie-r50 \\
-      --actors 8 --gpus-per-actor 1 --batch-size 8
+  # SA-1B tar shards (their own SAM masks are used), on an existing cluster, 8 GPU actors (the
+  # README's "Ray job submission": start Ray inside the project's environment; the token):
+  RAY_AUTH_MODE=token ray job submit --address http://head:8265 --working-dir . -- \\
+      python -m jobs.label --input s3://bucket/sa1b/ --output /shared/labels/ \\
+      --checkpoint /ckpt/hipie-r50 --actors 8 --gpus-per-actor 1 --batch-size 8
 
 Each input shard (a tar file, or a group of --shard-size folder/manifest images) becomes one Parquet
 file in --output; a rerun skips shards already written (use --overwrite to relabel). Every image
