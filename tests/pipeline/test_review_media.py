@@ -104,3 +104,9 @@ def test_unreadable_media_become_tagged_samples_and_ingest_goes_on(
     # a second ingest of the same rows changes nothing and raises nothing
     again = ingest_rows(dataset, rows, media_dir=tmp_path / "media")
     assert (again.added, again.unchanged) == (0, 7)
+
+    # fine-tuning from the dataset takes only the samples that have an image
+    from pipeline.finetune_data import training_set_from_dataset
+
+    training = training_set_from_dataset(dataset_name, tag=None)
+    assert sorted(r["image_id"] for r in training.rows) == ["member-ok", "plain"]
