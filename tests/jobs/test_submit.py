@@ -77,6 +77,10 @@ def ray_head():
     """A Ray head with token authentication; yields (dashboard URL, client env, folder)."""
     if not RAY.exists():
         pytest.fail(f"no `ray` command in {VENV_BIN}: install the project (ray[default])")
+    try:
+        import aiohttp  # noqa: F401  (the job CLI and the dashboard need ray[default])
+    except ImportError:
+        pytest.fail("ray[default] is not installed: `pip install -e .` installs it")
     # Ray's socket paths must stay under ~108 characters: a short folder under /tmp.
     root = Path(tempfile.mkdtemp(prefix="rayjob-", dir="/tmp"))
     token = root / "auth_token"
