@@ -307,6 +307,11 @@ def row_labels(row: dict) -> dict[str, fo.Detections]:
             det = by_mask_id[int(mask["mask_id"])]
             det["parent_id"] = by_mask_id[parent].id
             det["parent_mask_id"] = int(parent)
+    by_id = {int(m["mask_id"]): m for m in row["masks"] or []}
+    for mask in row["masks"] or []:  # "the parts of horses": the App filters on instance_label
+        if mask["level"] in ("part", "subpart"):
+            instance = schemas.instance_of(mask, by_id)
+            by_mask_id[int(mask["mask_id"])]["instance_label"] = instance and instance["label"]
     return {name: fo.Detections(detections=dets) for name, dets in fields.items()}
 
 
@@ -524,6 +529,16 @@ def ingest_labels(
     if vocabularies != dataset.info.get("vocabularies", {}):
         dataset.info["vocabularies"] = vocabularies
         dataset.save()
+    if totals["added"] or totals["replaced"] or totals["versioned"]:
+        from pipeline.fiftyone_app import setup_review  # colours, min_margin, saved views
+
+        classes = [
+            c
+            for v in vocabularies.values()
+            for k in ("things", "stuff", "parts")
+            for c in v.get(k, [])
+        ]
+        setup_review(dataset, vocabulary=classes)
     return dataset, IngestResult(**totals)
 
 

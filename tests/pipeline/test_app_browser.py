@@ -1,10 +1,20 @@
 """A real browser test of the review session: `python -m jobs.review --launch` serves the FiftyOne
-App for a small dataset, headless Chromium (Debian's `chromium` package: `apt-get install -y
-chromium`) takes a screenshot, and the screenshot must show the rendered sample grid, not a blank
-or loading page."""
+App for a small dataset (the COCO sample's two photos and three flat generated scenes with a horse,
+a car and a tree), headless Chromium (Debian's `chromium` package: `apt-get install -y chromium`)
+takes screenshots, and they must show
+
+- the rendered sample grid, not a blank or loading page;
+- the masks of different classes in different colours: on the scenes' black background a mask
+  pixel is its class colour (from the dataset's colour scheme) times the App's opacity, and at
+  least three class colours must cover many pixels;
+- the saved views: the App opened on `?view=needs-review` names that view, and the App's GraphQL
+  API lists `needs review`, `errors` and `reviewed`.
+
+`REVIEW_SCREENSHOT=/some/dir` keeps the screenshots there to look at."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -19,9 +30,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.pipeline.conftest import write_labels
+import schemas
+from schemas import rle
+from tests.pipeline.conftest import LABELED_AT, write_labels
 
 CHROMIUM = "/usr/bin/chromium"
+FLAT_CLASSES = ("horse", "car", "tree")  # the generated scenes' classes
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
@@ -85,13 +99,82 @@ def _chromium(url: str, tmp: Path, *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=60)
 
 
+def flat_scene_rows(folder: Path, count: int = 3) -> list[dict]:
+    """``count`` black 320 x 240 PNGs, each with a horse, a car and a tree (big rectangles, top-2
+    labels) and a part "head" of the horse, as schema-v1 rows in shard "flat"."""
+    folder.mkdir(parents=True, exist_ok=True)
+    h, w = 240, 320
+    rows = []
+    for k in range(count):
+        path = folder / f"flat_{k}.png"
+        Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(path)
+        masks = []
+        boxes = [(10, 20, 90, 200), (115, 40, 95, 160), (220, 10 + 10 * k, 90, 210 - 10 * k)]
+        for i, (label, (x, y, bw, bh)) in enumerate(zip(FLAT_CLASSES, boxes)):
+            dense = np.zeros((h, w), bool)
+            dense[y : y + bh, x : x + bw] = True
+            score = 0.5 + 0.1 * i + 0.05 * k
+            masks.append(
+                schemas.make_mask(
+                    mask_id=i,
+                    rle=rle.encode(dense),
+                    level="instance",
+                    label=label,
+                    score=score,
+                    topk_labels=(label, FLAT_CLASSES[(i + 1) % 3]),
+                    topk_scores=(score, 0.3),
+                    origin="hipie",
+                )
+            )
+        head = np.zeros((h, w), bool)
+        head[20:70, 10:100] = True
+        masks.append(
+            schemas.make_mask(
+                mask_id=3, rle=rle.encode(head), level="part", label="head", score=0.9,
+                topk_labels=("head",), topk_scores=(0.9,), parent_id=0, origin="hipie",
+            )
+        )  # fmt: skip
+        rows.append(
+            schemas.make_ok_row(
+                image_id=f"flat-{k}", uri=str(path), shard="flat", width=w, height=h,
+                masks=masks, model="test", vocabulary_hash="flat", labeled_at=LABELED_AT,
+            )
+        )  # fmt: skip
+    return rows
+
+
+def _hex_rgb(color: str) -> np.ndarray:
+    return np.array([int(color[i : i + 2], 16) for i in (1, 3, 5)], dtype=float)
+
+
+def class_pixels(image: np.ndarray, color: str) -> int:
+    """Pixels that are ``color`` scaled by an opacity in [0.3, 1] (a mask over black)."""
+    c = _hex_rgb(color)
+    p = image.reshape(-1, 3).astype(float)
+    alpha = p @ c / (c @ c)
+    residual = np.linalg.norm(p - alpha[:, None] * c[None], axis=1)
+    return int(((alpha > 0.3) & (alpha < 1.05) & (residual < 12)).sum())
+
+
+def _saved_views_graphql(url: str, dataset: str) -> list[dict]:
+    query = "query Q($name: String!) { savedViews(datasetName: $name) { name slug } }"
+    body = json.dumps({"query": query, "variables": {"name": dataset}}).encode()
+    request = urllib.request.Request(
+        f"{url}graphql", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())["data"]["savedViews"]
+
+
 def test_app_shows_the_sample_grid_in_headless_chromium(
     fiftyone_db, dataset_name, coco_rows, tmp_path
 ):
     rows, vocabulary = coco_rows
+    rows = list(rows) + flat_scene_rows(tmp_path / "flat")
     labels = write_labels(rows, tmp_path / "labels", vocabulary)
     port = _free_port()
     url = f"http://127.0.0.1:{port}/"
+    view_url = f"{url}datasets/{urllib.parse.quote(dataset_name)}?view=needs-review"
     command = [sys.executable, "-m", "jobs.review", "--labels", str(labels)]
     command += ["--dataset", dataset_name, "--launch", "--port", str(port)]
     proc = subprocess.Popen(
@@ -102,15 +185,19 @@ def test_app_shows_the_sample_grid_in_headless_chromium(
         stderr=subprocess.STDOUT,
         text=True,
     )
+    shot, view_shot = tmp_path / "app.png", tmp_path / "needs_review.png"
     try:
         lines = _wait_for_line(proc, f"FiftyOne App: {url}", timeout=60)
-        assert any("2 samples" in line for line in lines)
+        assert any("5 samples" in line for line in lines)
         _wait_http(url, timeout=30)
 
-        shot = tmp_path / "app.png"
         done = _chromium(url, tmp_path, f"--screenshot={shot}")
         assert shot.is_file(), done.stderr[-2000:]
         dom = _chromium(url, tmp_path, "--dump-dom").stdout
+        done = _chromium(view_url, tmp_path, f"--screenshot={view_shot}")
+        assert view_shot.is_file(), done.stderr[-2000:]
+        view_dom = _chromium(view_url, tmp_path, "--dump-dom").stdout
+        saved = _saved_views_graphql(url, dataset_name)
     finally:
         proc.send_signal(signal.SIGINT)  # jobs.review closes the session and exits
         try:
@@ -118,9 +205,11 @@ def test_app_shows_the_sample_grid_in_headless_chromium(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    keep = os.environ.get("REVIEW_SCREENSHOT")  # e.g. to look at the picture by hand
+    keep = os.environ.get("REVIEW_SCREENSHOT")  # a folder, to look at the pictures by hand
     if keep:
-        shutil.copy(shot, keep)
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, Path(keep) / "app.png")
+        shutil.copy(view_shot, Path(keep) / "needs_review.png")
 
     # the App itself rendered (not an error page) and knows the dataset
     assert dataset_name in dom
@@ -133,3 +222,21 @@ def test_app_shows_the_sample_grid_in_headless_chromium(
     # channels spread widely (the App's dark chrome is grey and text is near white)
     spread = image.max(axis=2).astype(int) - image.min(axis=2).astype(int)
     assert (spread > 100).mean() > 0.02
+
+    # colour by class: each flat class has its own colour in the dataset's scheme, and the
+    # screenshot shows each of them over many pixels (one colour per field would show one)
+    dataset = fiftyone_db.load_dataset(dataset_name)
+    scheme = dataset.app_config.color_scheme
+    assert scheme.color_by == "value"
+    value_colors = next(f for f in scheme.fields if f["path"] == "instances")["valueColors"]
+    class_color = {v["value"]: v["color"] for v in value_colors}
+    assert len({class_color[c] for c in FLAT_CLASSES}) == 3
+    counts = {c: class_pixels(image, class_color[c]) for c in FLAT_CLASSES}
+    assert sum(n > 1500 for n in counts.values()) >= 3, counts
+
+    # the saved views, as the App's API and UI show them
+    assert {v["name"] for v in saved} >= {"needs review", "errors", "reviewed"}
+    assert {v["slug"] for v in saved} >= {"needs-review", "errors", "reviewed"}
+    assert "needs review" in view_dom
+    view_image = np.asarray(Image.open(view_shot).convert("RGB"))
+    assert len(np.unique(view_image.reshape(-1, 3), axis=0)) > 2000
