@@ -11,18 +11,18 @@ or a dict with "categories") whose ids the export keeps. The logic lives in ``pi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-from pathlib import Path
 
+from jobs import _cli
+from jobs._cli import UsageError
 from pipeline import export
+
+PROG = "python -m jobs.export"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.export", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--labels", help="label Parquet file or folder")
     source.add_argument("--dataset", help="FiftyOne dataset name")
@@ -36,25 +36,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a mistake on the command line exits with status 2 and one line on stderr."""
+    return _cli.run(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     categories = None
     if args.categories:
-        data = json.loads(Path(args.categories).read_text())
-        categories = data["categories"] if isinstance(data, dict) else data
+        data = _cli.json_file(args.categories, "--categories")
+        categories = data.get("categories") if isinstance(data, dict) else data
+        if not isinstance(categories, list):
+            raise UsageError(
+                f"--categories {args.categories}: expected a list of categories or a dict with "
+                "'categories'"
+            )
     if args.labels:
+        _cli.label_files(args.labels)
         rows, vocabulary = export.rows_from_labels(args.labels)
         reviewed: set[str] = set()
     else:
         if args.database_uri:
             if "fiftyone" in sys.modules:
-                raise SystemExit("--database-uri must be given before FiftyOne is imported")
+                raise UsageError("--database-uri must be given before FiftyOne is imported")
             os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
         import fiftyone as fo
 
         from pipeline import fiftyone_io
 
         if not fo.dataset_exists(args.dataset):
-            raise SystemExit(f"dataset {args.dataset!r} does not exist")
+            raise UsageError(f"dataset {args.dataset!r} does not exist")
         dataset = fo.load_dataset(args.dataset)
         view = dataset.match_tags(args.tag) if args.tag else dataset
         rows, reviewed = fiftyone_io.read_rows(view, version=args.version)

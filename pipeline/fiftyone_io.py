@@ -2,9 +2,9 @@
 
 Layout of one sample (one image, keyed by ``image_id``):
 
-- ``filepath``: a local image file. Plain paths are kept; ``file://`` is stripped; SA-1B members
-  ``tar://<tar path>#<member>`` are extracted (that member only) into ``media_dir``; other remote
-  URIs are copied there with fsspec. ``uri`` keeps the original URI, ``shard`` the input shard.
+- ``filepath``: a local image file (``pipeline.review_media``). Plain paths are kept; ``file://``
+  is stripped; SA-1B members ``tar://<tar path>#<member>`` are extracted (that member only) into
+  ``media_dir``; other remote URIs are copied there with fsspec. ``uri`` keeps the original URI, ``shard`` the input shard.
 - ``instances``, ``parts``, ``subparts``, ``stuff``: ``fo.Detections``, one per mask level. Each
   ``fo.Detection`` follows FiftyOne's convention: ``bounding_box`` is ``[x, y, w, h]`` relative to
   the image in [0, 1] and ``mask`` is a bool array covering only that box (so documents stay far
@@ -19,6 +19,9 @@ Layout of one sample (one image, keyed by ``image_id``):
 - ``label_fingerprint``: a hash of the version-1 detections (ids, labels, boxes) as ingested; when
   the current values hash differently, a reviewer edited the sample.
 - Error rows: the sample is tagged ``label-error`` and ``label_error`` holds the reason.
+- Unreadable media (a missing file, a missing or cut-off tar, an unreachable URI): the sample is
+  still ingested with its labels, tagged ``media-error``, and ``media_error`` holds the reason;
+  the ingest goes on.
 
 Ingest rules (see ``ingest_rows``): a run id the sample already holds changes nothing (idempotent);
 a newer run of an existing sample goes into the next version's fields and never overwrites the
@@ -32,9 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import shutil
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -47,12 +47,14 @@ from fiftyone import ViewField as F
 
 import schemas
 from pipeline.export import label_files
+from pipeline.review_media import MediaResolver  # also importable from here, as before
 from schemas import rle as rle_utils
 
 LEVEL_FIELDS = {"instance": "instances", "part": "parts", "subpart": "subparts", "stuff": "stuff"}
 FIELD_LEVELS = {field: level for level, field in LEVEL_FIELDS.items()}
 REVIEWED_TAG = "reviewed"
 ERROR_TAG = "label-error"
+MEDIA_ERROR_TAG = "media-error"  # the image cannot be shown; ``media_error`` says why
 RUN_SEPARATOR = " | "
 
 
@@ -66,6 +68,7 @@ class IngestResult:
     replaced: int  # untouched samples whose version-1 fields took the new run
     versioned: int  # samples whose new run went into new version fields
     errors: int  # error rows among the ingested rows
+    media_errors: int = 0  # new samples whose image could not be materialized (tagged)
 
 
 # --------------------------------------------------------------------------- naming
@@ -87,93 +90,6 @@ def version_suffix(version: int) -> str:
     if version < 1:
         raise ValueError(f"versions start at 1, got {version}")
     return "" if version == 1 else f"_v{version}"
-
-
-# --------------------------------------------------------------------------- media
-class MediaResolver:
-    """Turns row URIs into local image paths, materializing archive members and remote files.
-
-    ``tar://<tar>#<member>`` extracts only ``member`` (by name, one pass over each tar per batch)
-    to ``media_dir/<tar stem>/<member basename>``; the target is checked to lie inside
-    ``media_dir``. Files already there are reused, so re-ingest extracts nothing.
-    """
-
-    def __init__(self, *, media_dir: str | os.PathLike):
-        self.media_dir = Path(media_dir).resolve()
-
-    @staticmethod
-    def _safe_name(name: str) -> str:
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(name.replace("\\", "/")))
-        if base in ("", ".", ".."):
-            raise ValueError(f"cannot make a file name from {name!r}")
-        return base
-
-    def _inside(self, path: Path) -> Path:
-        resolved = path.resolve()
-        if self.media_dir not in resolved.parents:
-            raise ValueError(f"{path} lies outside the media folder {self.media_dir}")
-        return resolved
-
-    def target(self, uri: str) -> Path | None:
-        """The local path of ``uri`` (None for a plain local path, which is used as it is)."""
-        if uri.startswith("tar://"):
-            tar_path, _, member = uri[len("tar://") :].rpartition("#")
-            if not tar_path or not member:
-                raise ValueError(f"tar URI without '#member': {uri}")
-            stem = self._safe_name(Path(tar_path).name.split(".")[0] or "tar")
-            return self._inside(self.media_dir / stem / self._safe_name(member))
-        if uri.startswith("file://") or "://" not in uri:
-            return None
-        digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
-        return self._inside(self.media_dir / "remote" / f"{digest}_{self._safe_name(uri)}")
-
-    def resolve(self, uris: Sequence[str]) -> list[str]:
-        """Local paths for ``uris`` (same order); missing archive members are left unextracted."""
-        paths: list[str] = []
-        wanted: dict[str, dict[str, Path]] = defaultdict(dict)  # tar path -> member -> target
-        for uri in uris:
-            target = self.target(uri)
-            if target is None:
-                paths.append(uri[len("file://") :] if uri.startswith("file://") else uri)
-                continue
-            paths.append(str(target))
-            if target.exists():
-                continue
-            if uri.startswith("tar://"):
-                tar_path, _, member = uri[len("tar://") :].rpartition("#")
-                wanted[tar_path][member] = target
-            else:
-                self._copy_remote(uri, target)
-        for tar_path, members in wanted.items():
-            self._extract(tar_path, members)
-        return paths
-
-    @staticmethod
-    def _write_atomic(source, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(source, out)
-        os.replace(tmp, target)
-
-    def _extract(self, tar_path: str, members: dict[str, Path]) -> None:
-        import fsspec
-
-        with fsspec.open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            left = dict(members)
-            for info in tar:  # streaming: one pass, only the named members are read
-                target = left.pop(info.name, None)
-                if target is None or not info.isfile():
-                    continue
-                self._write_atomic(tar.extractfile(info), target)
-                if not left:
-                    break
-
-    def _copy_remote(self, uri: str, target: Path) -> None:
-        import fsspec
-
-        with fsspec.open(uri, "rb") as source:
-            self._write_atomic(source, target)
 
 
 # --------------------------------------------------------------------------- rows -> labels
@@ -272,7 +188,7 @@ def open_dataset(name: str) -> fo.Dataset:
     if fo.dataset_exists(name):
         return fo.load_dataset(name)
     dataset = fo.Dataset(name, persistent=True)
-    for field in ("image_id", "uri", "shard", "label_fingerprint"):
+    for field in ("image_id", "uri", "shard", "label_fingerprint", "media_error"):
         dataset.add_sample_field(field, fo.StringField)
     dataset.add_sample_field("label_runs", fo.ListField, subfield=fo.StringField)
     _add_version_fields(dataset, 1)
@@ -348,16 +264,22 @@ def ingest_rows(
             state[key] = {"runs": list(r or []), "tags": list(t or []), "edited": s != c}
 
     new_rows = [row for row in rows if row["image_id"] not in state]
-    paths = MediaResolver(media_dir=media_dir).resolve([row["uri"] for row in new_rows])
+    media = MediaResolver(media_dir=media_dir).resolve_with_errors([r["uri"] for r in new_rows])
     samples = []
-    for row, path in zip(new_rows, paths):
+    media_errors = 0
+    for row, (path, media_error) in zip(new_rows, media):
         labels = row_labels(row)
+        tags = [ERROR_TAG] if row["status"] == "error" else []
+        if media_error is not None:
+            tags.append(MEDIA_ERROR_TAG)
+            media_errors += 1
         sample = fo.Sample(
             filepath=path,
-            tags=[ERROR_TAG] if row["status"] == "error" else [],
+            tags=tags,
             image_id=row["image_id"],
             uri=row["uri"],
             shard=row["shard"],
+            media_error=media_error,
             label_runs=[run_id(row)],
             label_fingerprint=_labels_fingerprint(labels),
             **_version_values(row, labels),
@@ -407,6 +329,7 @@ def ingest_rows(
         replaced=replaced,
         versioned=versioned,
         errors=sum(row["status"] == "error" for row in rows),
+        media_errors=media_errors,
     )
 
 
@@ -436,7 +359,7 @@ def ingest_labels(
     dataset = open_dataset(dataset_name)
     root = Path(labels)
     media = Path(media_dir) if media_dir else (root if root.is_dir() else root.parent) / "media"
-    totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0)
+    totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0, media_errors=0)
     vocabularies = dict(dataset.info.get("vocabularies", {}))
     for rows, info in iter_label_rows(labels, batch_size=batch_size):
         result = ingest_rows(dataset, rows, media_dir=media, replace_unreviewed=replace_unreviewed)

@@ -140,13 +140,15 @@ def training_set_from_rows(
 
 def training_set_from_dataset(name: str, *, tag: str | None = "reviewed") -> TrainingSet:
     """The samples of FiftyOne dataset ``name`` tagged ``tag`` (all samples when None), with the
-    reviewers' current labels; images are read from the samples' local files."""
+    reviewers' current labels; images are read from the samples' local files (samples whose
+    image could not be materialized at ingest, tagged ``media-error``, are left out)."""
     import fiftyone as fo
 
-    from pipeline.fiftyone_io import read_rows
+    from pipeline.fiftyone_io import MEDIA_ERROR_TAG, read_rows
 
     dataset = fo.load_dataset(name)
     view = dataset.match_tags(tag) if tag else dataset
+    view = view.match_tags(MEDIA_ERROR_TAG, bool=False)  # no image to train on
     rows, _ = read_rows(view)
     ids, paths = view.values(["image_id", "filepath"])
     return training_set_from_rows(rows, uris=dict(zip(ids, paths)))

@@ -212,7 +212,8 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     vocabulary = config.vocabulary
-    shards = sources.list_shards(list(config.inputs), shard_size=config.folder_shard_size)
+    listing = sources.list_inputs(list(config.inputs), shard_size=config.folder_shard_size)
+    shards = listing.shards
     sinks.clean_temporaries(config.output)
     todo = [
         s
@@ -253,5 +254,7 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
             "shards_skipped": len(shards) - len(todo),
             "images_ok": sum(s.images_ok for s in collector.written),
             "images_error": sum(s.images_error for s in collector.written),
+            "skipped": listing.skipped,
+            "skipped_examples": listing.skipped_examples,
         },
     )

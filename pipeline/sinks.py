@@ -4,6 +4,7 @@ Layout of an output folder (a local path; ``schemas.write_parquet`` writes throu
 
     <output>/<shard name>.parquet     one per shard, schema v1, written atomically
     <output>/_summary.json            totals over all complete shards + one record per run
+                                      (with the input files it skipped, by reason)
 
 A shard's file is written once all of its rows are in, under a temporary name that is then
 renamed (``schemas.write_parquet``), so a file under the final name is always complete. Its
@@ -72,6 +73,10 @@ class RunRecord:
     shards_skipped: int  # shards found complete and skipped
     images: int  # images (ok + error) written by this run
     images_per_s: float  # images / seconds of this run
+    # Files of the input folders that are not images, by reason ({"not an image": 3}), and a
+    # few of their paths: nothing is left out without a word.
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +90,8 @@ class RunSummary:
     seconds: float  # wall time summed over the runs
     images_per_s: float  # images written by the runs / their seconds
     runs: tuple[RunRecord, ...] = field(default=())  # oldest first
+    # The latest run's skipped input files by reason (see RunRecord.skipped).
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``_summary.json`` holds)."""
@@ -361,7 +368,9 @@ def write_summary(
     files, so shards written by earlier (killed or finished) runs are counted once each, and
     shards relabeled with ``overwrite`` are not counted twice. ``run`` (this run's record, or a
     mapping with ``seconds``, ``shards_written``, ``shards_skipped`` and ``images`` or
-    ``images_ok`` + ``images_error``) is appended to the runs kept from the earlier summary.
+    ``images_ok`` + ``images_error``, optionally ``skipped`` and ``skipped_examples``) is
+    appended to the runs kept from the earlier summary; the summary's ``skipped`` is the last
+    run's.
     """
     previous = read_summary(output_dir)
     runs = previous.runs if previous is not None else ()
@@ -381,6 +390,7 @@ def write_summary(
         seconds=seconds,
         images_per_s=sum(r.images for r in runs) / seconds if seconds > 0 else 0.0,
         runs=runs,
+        skipped=dict(runs[-1].skipped) if runs else {},
     )
     folder = Path(output_dir)
     folder.mkdir(parents=True, exist_ok=True)
@@ -403,6 +413,10 @@ def _run_record(run: Mapping[str, Any]) -> RunRecord:
         shards_skipped=int(run.get("shards_skipped", 0)),
         images=images,
         images_per_s=images / seconds if seconds > 0 else 0.0,
+        skipped={str(k): int(v) for k, v in dict(run.get("skipped") or {}).items()},
+        skipped_examples={
+            str(k): [str(p) for p in v] for k, v in dict(run.get("skipped_examples") or {}).items()
+        },
     )
 
 

@@ -39,8 +39,8 @@ def test_ingest_counts_parents_masks_and_media(fiftyone_db, dataset_name, labels
     }
     assert counts == EXPECTED
 
-    # error rows: tagged, with the reason
-    assert dataset.count_sample_tags() == {"label-error": 1}
+    # error rows: tagged, with the reason (broken-1's image file does not exist either)
+    assert dataset.count_sample_tags() == {"label-error": 1, "media-error": 1}
     errors = dataset.match_tags("label-error")
     assert errors.values("image_id") == ["broken-1"]
     assert errors.values("label_error") == ["image decode failed: file not found"]
@@ -121,7 +121,9 @@ def test_reviewed_and_edited_samples_survive_a_new_run(
     assert first["142238"][0] == "referee" and first["439180"][0] == "rider"
     assert set(first["142238"][1:]) == {"person", "sports ball"}
     assert set(first["sa_1"]) == {"human"}  # untouched: replaced in place
-    assert set(first["broken-1"]) == {"human"} and dataset.count_sample_tags() == {"reviewed": 1}
+    assert set(first["broken-1"]) == {"human"}
+    # the replaced error sample keeps its image path, which still does not exist
+    assert dataset.count_sample_tags() == {"reviewed": 1, "media-error": 1}
     second = _by_image(dataset, "instances_v2.detections.label")
     assert set(second["142238"]) == {"human"} and set(second["439180"]) == {"human"}
     assert second["sa_1"] is None
