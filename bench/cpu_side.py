@@ -3,12 +3,14 @@
 One 2250 x 1500 JPEG with 100 class-agnostic SAM masks (SA-1B json, COCO RLE) and a HIPIE
 hierarchy of 150 segments (50 panoptic segments that tile the image, 100 parts inside the things),
 built directly as the predictor returns it, so that the figures do not depend on a trained model.
-Stages: decode (JPEG + mask json, the Ray decode task), masks (the predictor's masks brought to the
-image size), vote (Eq. 5 for the SAM masks, levels, parents), RLE (HIPIE's masks to COCO RLE), rows
-(schema mask structs and the row) and Parquet (Arrow table + a zstd Parquet file, per image of a
-16-image file). One thread (``torch.set_num_threads(1)``); best of ``--repeats``.
+Stages: decode (the Ray decode task: JPEG decoded and resized to the model's size, mask json
+validated and packed; and the labeler's unpacking of the SAM masks), RLE (HIPIE's masks, at the
+model's resolution, RLE-encoded once at the image size), vote (Eq. 5 for the SAM masks, levels,
+parents), rows (schema mask structs and the row) and Parquet (Arrow table + a zstd Parquet file,
+per image of a 16-image file). One thread (``torch.set_num_threads(1)``); best of ``--repeats``.
 
-    .venv/bin/python bench/cpu_side.py               # prints one line per stage, the total last (JSON)
+    .venv/bin/python -m bench.cpu_side              # one line per stage, the total last (JSON)
+    .venv/bin/python -m bench.cpu_side --method grid   # the device path's vote, on the CPU
 """
 
 from __future__ import annotations
@@ -150,12 +152,15 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1500)
     parser.add_argument("--width", type=int, default=2250)
     parser.add_argument("--model-side", type=int, default=320, help="the model's test size")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--method", default="rle", choices=["rle", "grid"], help="the vote's intersections"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from hipie import HipiePredictor, build_hipie
-    from hipie.predictor import _resize_nearest
+    from hipie import HipiePredictor, build_hipie, rle_torch
+    from pipeline.decode import unpack_sam_masks
     from pipeline.job import decode_record
     from pipeline.labeler import replace_classes, segments_to_masks
 
@@ -174,25 +179,27 @@ def main() -> None:
         "_end": False,
         "_count": 0,
     }
-    hier_small = data["hier"]
+    hier = data["hier"]
     size = (args.height, args.width)
     stages: dict[str, float] = {}
-    stages["decode"], decoded = best_ms(
-        lambda: decode_record(record, max_pixels=10**9), args.repeats
-    )
 
-    def full_size():
-        return Segments(**{**hier_small.__dict__, "masks": _resize_nearest(hier_small.masks, size)})
+    def decode():  # the decode task, and the labeler's unpacking of the SAM masks
+        out = decode_record(record, max_pixels=10**9, max_side=args.model_side)
+        assert out["image"].shape[:2] == (model_h, model_w), out["image"].shape
+        return unpack_sam_masks(out["sam_counts"], out["sam_meta"], out["height"], out["width"])
 
-    stages["masks"], hier = best_ms(full_size, args.repeats)
-    sam = json.loads(decoded["sam_masks"])
+    stages["decode"], sam = best_ms(decode, args.repeats)
+    stages["rle"], encoded = best_ms(lambda: rle_torch.encode(hier.masks, size), args.repeats)
+    sam_rles = [s["rle"] for s in sam]
     stages["vote"], voted = best_ms(
-        lambda: predictor.vote_from_hierarchy(hier, [s["rle"] for s in sam], data["things"]),
+        lambda: predictor.vote_from_hierarchy(
+            hier, sam_rles, data["things"], hipie_rles=encoded.rles, method=args.method
+        ),
         args.repeats,
     )
-    stages["rle"], hier_masks = best_ms(lambda: segments_to_masks(hier, topk=3), args.repeats)
 
     def rows():
+        hier_masks = segments_to_masks(hier, topk=3, encoded=encoded)
         sam_masks = segments_to_masks(voted, topk=3, sam_records=sam)
         masks = replace_classes(sam_masks, hier_masks, {"thing0", "thing1"})
         return schemas.make_ok_row(
@@ -210,6 +217,11 @@ def main() -> None:
 
         ms, _ = best_ms(parquet, args.repeats)
         stages["parquet"] = ms / 16
+    print(
+        f"{args.width} x {args.height}, model side {args.model_side} ({model_w} x {model_h}), "
+        f"{len(sam)} SAM masks, {len(hier)} HIPIE segments, {len(row['masks'])} masks in the row, "
+        f"vote method {args.method}, torch threads {torch.get_num_threads()}"
+    )
     for name, ms in stages.items():
         print(f"{name:8s} {ms:8.1f} ms")
     total = sum(stages.values())

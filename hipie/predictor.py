@@ -674,35 +674,55 @@ class HipiePredictor:
         hier = self.hierarchy_batch(images, things, stuff, parts, **hierarchy_options)
         return [self.vote_from_hierarchy(h, sam, things) for h, sam in zip(hier, sam_masks)]
 
-    def vote_from_hierarchy(self, h: Segments, sam, things: Sequence[str]) -> Segments:
+    def vote_from_hierarchy(
+        self,
+        h: Segments,
+        sam,
+        things: Sequence[str],
+        *,
+        hipie_rles: Sequence[dict] | None = None,
+        method: str = "auto",
+    ) -> Segments:
         """Eq. 5 for one image whose `hierarchy` result `h` is already computed (see
-        `vote_batch`); `sam` is a dense (S, H, W) bool tensor or a list of S COCO RLEs."""
-        from hipie.hierarchy import assign_parents
-        from hipie.vote import intersection_areas, mask_areas, vote
+        `vote_batch`); `sam` is a dense (S, H, W) bool tensor or a list of S COCO RLEs.
+
+        With RLEs, `h`'s masks may be at a smaller resolution than the RLEs (the model's, for an
+        image the caller resized): they stand for their nearest-neighbour upsampling, and the
+        intersections are exact either way (`hipie.vote_areas`: ``method`` "rle" through
+        pycocotools, with `hipie_rles` = `h`'s image-size RLEs when the caller has them, or
+        "grid", one matmul on `h`'s device; "auto" takes grid off the CPU). All of Eq. 5, the
+        instance match and the part containment come from one (S, K) intersection matrix.
+        """
+        from hipie.hierarchy import assign_parents, parents_from_intersections
+        from hipie.vote import intersection_areas, mask_areas, vote_from_intersections
+        from hipie.vote_areas import sam_hipie_areas
 
         is_rle = not isinstance(sam, torch.Tensor)
         S = len(sam)
         dev = h.scores.device
-        if not is_rle:
+        if is_rle:
+            sam = list(sam)
+            areas = sam_hipie_areas(sam, h.masks, hipie_rles=hipie_rles, method=method)
+            inter_all, sam_area, hipie_area = (
+                t.to(dev) for t in (areas.inter, areas.sam, areas.hipie)
+            )
+        else:
             sam = sam.to(h.masks.device).bool()
+            inter_all = intersection_areas(sam, h.masks, max_side=self.vote_max_side).to(dev)
+            sam_area, hipie_area = mask_areas(sam).to(dev), mask_areas(h.masks).to(dev)
         obj = [i for i, lv in enumerate(h.level) if lv in ("instance", "stuff")]
         fine = sorted(self._fine_parts(h))
         objt = torch.tensor(obj, dtype=torch.long, device=dev)
         finet = torch.tensor(fine, dtype=torch.long, device=dev)
-        obj_masks, part_masks = h.masks[objt], h.masks[finet]
-        v_obj = vote(sam, obj_masks, h.probs[objt], max_side=self.vote_max_side)
-        v_part = vote(sam, part_masks, h.probs[finet], max_side=self.vote_max_side)
+        v_obj = vote_from_intersections(inter_all[:, objt], h.probs[objt], sam_area)
+        v_part = vote_from_intersections(inter_all[:, finet], h.probs[finet], sam_area)
         inst = objt[h.is_thing[objt]]
-        inter = intersection_areas(sam, h.masks[inst], max_side=self.vote_max_side).to(dev)
-        union = mask_areas(sam).to(dev)[:, None] + mask_areas(h.masks[inst]).to(dev)[None] - inter
+        inter = inter_all[:, inst]
+        union = sam_area[:, None] + hipie_area[inst][None] - inter
         best_iou = (
             (inter / union.clamp(min=1)).max(1).values if len(inst) else torch.zeros(S, device=dev)
         )
-        inside = (
-            assign_parents(sam, h.masks[inst]).to(dev)
-            if S
-            else torch.zeros(0, dtype=torch.long, device=dev)
-        )
+        inside = parents_from_intersections(inter, sam_area)
         levels, label_ids, scores = [], [], []
         probs = torch.zeros(S, len(h.vocabulary), device=dev)
         for i in range(S):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import schemas
 from hipie.training.synthetic import SceneGenerator, write_sa1b_shard
 from pipeline import sources
+from pipeline.decode import unpack_sam_masks
 from pipeline.job import COUNT, END, LabelJobConfig, decode_record, read_shard
 from pipeline.labeler import Labeler, replace_classes
 from pipeline.vocabulary import Vocabulary
@@ -88,9 +88,12 @@ def test_labeler_turns_records_into_schema_rows(labeler, tmp_path):
     assert rows[2][COUNT] == 2
     ok, bad = rows[0], rows[1]
     assert (ok["status"], ok["image_id"]) == ("ok", "sa_1")
-    sam_json = json.loads(records[0]["sam_masks"])
-    assert len(ok["masks"]) == len(sam_json) > 0  # one label per SA-1B mask, none dropped
-    assert [m["rle"] for m in ok["masks"]] == [m["rle"] for m in sam_json]
+    sam = unpack_sam_masks(
+        records[0]["sam_counts"], records[0]["sam_meta"], records[0]["height"], records[0]["width"]
+    )
+    assert len(ok["masks"]) == len(sam) > 0  # one label per SA-1B mask, none dropped
+    assert [m["rle"] for m in ok["masks"]] == [m["rle"] for m in sam]
+    assert [m["bbox"] for m in ok["masks"]] == [m["bbox"] for m in sam]
     assert {m["origin"] for m in ok["masks"]} == {"sam"}
     assert all(m["level"] in schemas.LEVELS for m in ok["masks"])
     assert (bad["status"], bad["image_id"]) == ("error", "sa_9")
