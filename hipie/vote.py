@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from hipie import rle_torch
+
 __all__ = [
     "MaskSet",
     "ReplaceResult",
@@ -471,8 +473,8 @@ def _as_rles(masks: MaskSet) -> list[dict]:
     if isinstance(masks, torch.Tensor):
         if masks.shape[0] == 0:
             return []
-        array = np.asfortranarray(masks.detach().to("cpu", torch.uint8).permute(1, 2, 0).numpy())
-        return mask_utils.encode(array)  # (H, W, N) Fortran order -> N RLEs
+        encoded = rle_torch.encode(masks.detach().bool())  # no column-major copy
+        return [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in encoded.rles]
     rles = []
     for rle in masks:
         counts = rle["counts"]
