@@ -281,7 +281,7 @@ def encode(masks: torch.Tensor, size: tuple[int, int] | None = None) -> EncodedM
     starts[offsets[change_mask] + slot + 1] = change_pos
     counts = ends - starts
 
-    # Areas (the odd runs) and tight boxes (the rows and columns that hold any foreground).
+    # Areas: the sums of the odd (foreground) runs.
     count_mask = torch.repeat_interleave(torch.arange(n, device=dev), per_mask + 1)
     odd = (torch.arange(counts.numel(), device=dev) - offsets[count_mask]) % 2 == 1
     areas = torch.zeros(n, dtype=torch.int64, device=dev)
