@@ -44,15 +44,20 @@ def load_model(checkpoint: str):
     return build_hipie(checkpoint=checkpoint)
 
 
-def model_input_side(checkpoint: str) -> int:
-    """The model's test size (longer image side) for ``checkpoint``, read from its config only."""
+def model_input_side(checkpoint: str) -> int | None:
+    """The model's test size (longer image side) for ``checkpoint``, read from its config only;
+    None when it cannot be told without loading the model (the decode task then ships images at
+    their own size and the labeler resizes them)."""
     from hipie.build import PRESETS, _checkpoint_dir
     from hipie.config import HipieConfig
 
-    if checkpoint.startswith("random:"):
-        return int(PRESETS[checkpoint.split(":", 1)[1]]().test_size)
-    config = json.loads((_checkpoint_dir(checkpoint) / "config.json").read_text())
-    return int(HipieConfig.from_dict(config).test_size)
+    try:
+        if checkpoint.startswith("random:"):
+            return int(PRESETS[checkpoint.split(":", 1)[1]]().test_size)
+        config = json.loads((_checkpoint_dir(checkpoint) / "config.json").read_text())
+        return int(HipieConfig.from_dict(config).test_size)
+    except (OSError, KeyError, ValueError, TypeError):  # another kind of checkpoint
+        return None
 
 
 def load_clip(spec: str | None, device: str):

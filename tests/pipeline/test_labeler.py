@@ -173,3 +173,11 @@ def test_images_resized_in_the_decode_task_get_labels_at_their_own_size(tmp_path
     rows = [r for r in labeler(with_sam).to_pylist() if not r[END]]
     from_sam = [m["rle"] for m in rows[1]["masks"] if m["origin"] == "sam"]
     assert from_sam and all(r in [s["rle"] for s in sam] for r in from_sam)
+
+
+def test_model_input_side_from_the_config_alone(tmp_path):
+    from pipeline.labeler import model_input_side
+
+    assert model_input_side("tiny") == 320
+    assert model_input_side("random:r50") == 1024
+    assert model_input_side(str(tmp_path / "release.pth")) is None  # unknown: full size
