@@ -507,8 +507,10 @@ def unpack_sam_masks(counts: str, meta: bytes, height: int, width: int) -> list[
     ``stability_score``) of an image of ``height`` x ``width``; None when there are none."""
     if not counts:
         return None
+    lines = str(counts).split("\n")
+    # A fixed-width numpy bytes array (as a batch may hold them) drops trailing zero bytes.
+    meta = bytes(meta).ljust(len(lines) * _SAM_META_COLUMNS * 8, b"\0")
     values = np.frombuffer(meta, dtype=np.float64).reshape(-1, _SAM_META_COLUMNS).tolist()
-    lines = counts.split("\n")
     if len(lines) != len(values):
         raise ValueError(f"{len(lines)} SAM RLEs but {len(values)} rows of SAM mask values")
     size = [int(height), int(width)]

@@ -358,3 +358,8 @@ def test_sam_masks_pack_and_unpack():
     assert records[1]["predicted_iou"] is None
     assert records[0]["stability_score"] == masks[0].stability_score
     assert unpack_sam_masks(*pack_sam_masks([]), 24, 32) is None
+    zero_last = [SamMask(**{**masks[0].__dict__, "stability_score": 0.0})]
+    counts, meta = pack_sam_masks(zero_last)
+    stripped = np.array([meta], dtype=object).astype(bytes)[0]  # numpy "S" drops the zeros
+    assert len(stripped) < len(meta)
+    assert unpack_sam_masks(counts, stripped, 24, 32)[0]["stability_score"] == 0.0
