@@ -723,29 +723,24 @@ class HipiePredictor:
             (inter / union.clamp(min=1)).max(1).values if len(inst) else torch.zeros(S, device=dev)
         )
         inside = parents_from_intersections(inter, sam_area)
-        levels, label_ids, scores = [], [], []
-        probs = torch.zeros(S, len(h.vocabulary), device=dev)
-        for i in range(S):
-            obj_label = int(v_obj.labels[i])
-            if best_iou[i] < 0.5 and inside[i] >= 0 and int(v_part.labels[i]) >= 0:
-                levels.append("part")
-                probs[i] = v_part.probs[i]
-                label_ids.append(int(v_part.labels[i]))
-                scores.append(float(v_part.scores[i]))
-            else:
-                thing = 0 <= obj_label < len(things)
-                levels.append("instance" if thing or obj_label < 0 else "stuff")
-                probs[i] = v_obj.probs[i]
-                label_ids.append(obj_label)
-                scores.append(float(v_obj.scores[i]))
+        # a part: no instance match, inside an instance, and some part votes (else its object
+        # label decides: instance for things and for masks without votes, else stuff)
+        is_part = (best_iou < 0.5) & (inside >= 0) & (v_part.labels >= 0)
+        probs = torch.where(is_part[:, None], v_part.probs, v_obj.probs)
+        label_ids = torch.where(is_part, v_part.labels, v_obj.labels).tolist()
+        scores = torch.where(is_part, v_part.scores, v_obj.scores).tolist()
+        levels = [
+            "part" if part else "instance" if obj < len(things) else "stuff"
+            for part, obj in zip(is_part.tolist(), v_obj.labels.tolist())
+        ]
         parents = torch.full((S,), -1, dtype=torch.long, device=dev)
         part_i = [i for i, lv in enumerate(levels) if lv == "part"]
         inst_i = [i for i, lv in enumerate(levels) if lv == "instance" and label_ids[i] >= 0]
         if part_i and inst_i:
-            local = assign_parents(_subset(sam, part_i), _subset(sam, inst_i)).to(dev)
+            local = assign_parents(_subset(sam, part_i), _subset(sam, inst_i)).tolist()
             for j, i in enumerate(part_i):
                 if local[j] >= 0:
-                    parents[i] = inst_i[int(local[j])]
+                    parents[i] = inst_i[local[j]]
         self._restrict_parts_to_parent(
             h.vocabulary, things, part_i, parents, probs, label_ids, scores
         )
@@ -816,20 +811,25 @@ class HipiePredictor:
         each part with the instance it lies in). A part whose vote has no mass on X's parts
         keeps its vote and loses the parent (no "car body" under a bird). Updates `probs`,
         `label_ids`, `scores` and `parents` in place."""
-        rows = [i for i in part_i if int(parents[i]) >= 0 and label_ids[int(parents[i])] >= 0]
+        par = parents.tolist()  # all rows at once: one device sync, not one per part
+        rows = [i for i in part_i if par[i] >= 0 and label_ids[par[i]] >= 0]
         if not rows:
             return
-        parent_things = [vocabulary[label_ids[int(parents[i])]] for i in rows]
+        parent_things = [vocabulary[label_ids[par[i]]] for i in rows]
         allowed = _parent_part_columns(vocabulary, things, parent_things, probs.device)
-        for j, i in enumerate(rows):
-            restricted = torch.where(allowed[j], probs[i], torch.zeros_like(probs[i]))
-            total = restricted.sum()
-            if total <= 0:
+        index = torch.tensor(rows, dtype=torch.long, device=probs.device)
+        restricted = torch.where(allowed, probs[index], torch.zeros_like(probs[index]))
+        total = restricted.sum(1)
+        kept = total > 0
+        restricted = restricted / total.clamp_min(1e-30)[:, None]
+        probs[index[kept]] = restricted[kept]
+        best = restricted.argmax(1)
+        best_score = restricted.gather(1, best[:, None])[:, 0]
+        for i, keep, label, score in zip(rows, kept.tolist(), best.tolist(), best_score.tolist()):
+            if not keep:
                 parents[i] = -1
                 continue
-            probs[i] = restricted / total
-            label_ids[i] = int(probs[i].argmax())
-            scores[i] = float(probs[i].max())
+            label_ids[i], scores[i] = label, score
 
     def _nest_subparts(
         self, sam, part_i: list[int], levels: list[str], parents: torch.Tensor
@@ -849,10 +849,10 @@ class HipiePredictor:
         larger = areas[None, :] > areas[:, None]
         frac = torch.where(same_instance & larger, frac, torch.zeros_like(frac))
         best, idx = frac.max(1)
-        for j, i in enumerate(part_i):
-            if best[j] >= SUBPART_FRACTION:
-                levels[i] = "subpart"
-                parents[i] = part_i[int(idx[j])]
+        for j, (fraction, k) in enumerate(zip(best.tolist(), idx.tolist())):
+            if fraction >= SUBPART_FRACTION:
+                levels[part_i[j]] = "subpart"
+                parents[part_i[j]] = part_i[k]
 
     def vote(
         self,
