@@ -26,6 +26,7 @@ __all__ = [
     "assign_parents",
     "compose_part_prompts",
     "group_parts",
+    "parents_from_intersections",
     "split_part_label",
 ]
 
@@ -71,10 +72,19 @@ def assign_parents(
         go to the lower instance index.
     """
     inter = intersection_areas(part_masks, instance_masks, max_side=max_side)  # (P, I)
+    if inter.shape[1] == 0:
+        return torch.full((inter.shape[0],), -1, dtype=torch.long, device=inter.device)
+    areas = mask_areas(part_masks).to(inter.device)  # (P,)
+    return parents_from_intersections(inter, areas, min_fraction=min_fraction)
+
+
+def parents_from_intersections(
+    inter: torch.Tensor, areas: torch.Tensor, *, min_fraction: float = 0.5
+) -> torch.Tensor:
+    """`assign_parents` from intersection areas ``(P, I)`` and part areas ``(P,)``."""
     num_parts, num_instances = inter.shape
     if num_instances == 0:
         return torch.full((num_parts,), -1, dtype=torch.long, device=inter.device)
-    areas = mask_areas(part_masks).to(inter.device)  # (P,)
     fraction = inter / areas.clamp_min(1.0)[:, None]  # (P, I)
     best_fraction, best = fraction.max(dim=1)  # (P,), (P,)
     ok = (areas > 0) & (best_fraction >= min_fraction) & (best_fraction > 0)

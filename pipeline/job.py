@@ -17,10 +17,9 @@ duplicates rows.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -165,9 +164,15 @@ def read_shard(item: dict, *, shards: list[sources.Shard]) -> Iterator[dict]:
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
 
 
-def decode_record(rec: dict, *, max_pixels: int) -> dict:
+def decode_record(rec: dict, *, max_pixels: int, max_side: int | None = None) -> dict:
     """Ray map (CPU task): image bytes to an RGB array and the SA-1B json to validated RLEs.
 
+    The image is resized so that its longer side is at most ``max_side`` (the model's test size;
+    None keeps the full size), so no full-resolution array travels to the labeler; ``height`` and
+    ``width`` keep the image's own size. The SAM masks travel as their RLE counts strings
+    (``sam_counts``, one per line, "" when the source has none; the RLEs are of the image's own
+    size) and a float64 array of their box, area, predicted IoU and stability score
+    (``sam_meta``, bytes of an (N, 7) array; NaN where the json has no value).
     A failure fills ``error`` (and an empty image) instead of raising, so the row is kept.
     """
     out = {
@@ -176,27 +181,31 @@ def decode_record(rec: dict, *, max_pixels: int) -> dict:
         "uri": rec["uri"],
         "error": rec["error"],
         "image": EMPTY_IMAGE,
-        "sam_masks": "",  # JSON list of the SA-1B masks; "" when the source has none
+        "height": 0,
+        "width": 0,
+        "sam_counts": "",
+        "sam_meta": b"",
         END: rec[END],
         COUNT: rec[COUNT],
     }
     if rec[END] or rec["error"]:
         return out
     try:
-        image = decode.decode_image(rec["data"], max_pixels=max_pixels)
+        image, (h, w) = decode.decode_image_for_model(
+            rec["data"], max_pixels=max_pixels, max_side=max_side
+        )
     except decode.ImageDecodeError as exc:
         out["error"] = f"cannot decode image: {exc.reason}"
         return out
-    out["image"] = image
+    out.update(image=image, height=h, width=w)
     if rec["has_sam_json"]:
-        h, w = image.shape[:2]
         try:
             masks = decode.decode_sam_json(rec["sam_json"], w, h)
         except decode.MaskDecodeError as exc:
             out["error"] = f"cannot use the SAM mask json: {exc.reason}"
             out["image"] = EMPTY_IMAGE
             return out
-        out["sam_masks"] = json.dumps([asdict(m) for m in masks])
+        out["sam_counts"], out["sam_meta"] = decode.pack_sam_masks(masks)
     return out
 
 
@@ -208,7 +217,7 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
     """
     import ray
 
-    from pipeline.labeler import Labeler
+    from pipeline.labeler import Labeler, model_input_side
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     vocabulary = config.vocabulary
@@ -221,6 +230,9 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
         if config.overwrite
         or not sinks.shard_done(config.output, s, vocabulary_hash=vocabulary.hash)
     ]
+    # Images are resized to the model's size in the decode tasks, unless SAM makes masks from
+    # them in the labeler (at the image's own size).
+    side = None if config.sam_checkpoint else model_input_side(config.checkpoint)
     start = time.perf_counter()
     collector = ShardCollector(config.output, todo, vocabulary=vocabulary)
     if todo:
@@ -228,7 +240,7 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
             ray.data.from_items([{"index": i} for i in range(len(todo))])
             .repartition(len(todo))
             .flat_map(read_shard, fn_kwargs={"shards": todo})
-            .map(decode_record, fn_kwargs={"max_pixels": config.max_pixels})
+            .map(decode_record, fn_kwargs={"max_pixels": config.max_pixels, "max_side": side})
             .map_batches(
                 Labeler,
                 fn_constructor_kwargs={"config": config},
