@@ -23,7 +23,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from hipie import HipiePredictor, build_hipie, rle_torch
-from hipie.training.synthetic import SceneGenerator
+from hipie.synthetic.generator import SceneGenerator
 from pipeline.decode import decode_image_for_model
 from pipeline.vocabulary import load_vocabulary
 

@@ -45,6 +45,7 @@ from PIL import Image
 
 import schemas
 from schemas import rle as rle_utils
+from schemas.panoptic import id_to_rgb
 
 FORMATS = ("coco", "coco-panoptic", "parquet")
 _LEVEL_RANK = {"stuff": 0, "instance": 1, "part": 2, "subpart": 3}
@@ -234,11 +235,6 @@ def export_coco(
 
 
 # --------------------------------------------------------------------------- COCO panoptic
-def _id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> (H, W, 3) uint8 colours, id = R + 256 G + 256^2 B."""
-    return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
-
-
 def export_coco_panoptic(
     rows: Sequence[dict],
     output_dir: str | os.PathLike,
@@ -287,7 +283,7 @@ def export_coco_panoptic(
                 }
             )
         png_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{image_id}.png")
-        Image.fromarray(_id_to_rgb(ids)).save(png_dir / png_name)
+        Image.fromarray(id_to_rgb(ids)).save(png_dir / png_name)
         images.append(_image_entry(row, image_id))
         annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments})
         num_segments += len(segments)

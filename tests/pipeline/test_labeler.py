@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from hipie.training.synthetic import SceneGenerator, write_sa1b_shard
+from hipie.synthetic.generator import SceneGenerator, write_sa1b_shard
 from pipeline import sources
 from pipeline.decode import unpack_sam_masks
 from pipeline.job import COUNT, END, LabelJobConfig, decode_record, read_shard
