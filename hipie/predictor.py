@@ -32,45 +32,9 @@ from hipie.modeling.model import HipieModel
 from hipie.modeling.outputs import DecoderOutput
 from hipie.modeling.pixel_decoder import ImageFeatures
 from hipie.modeling.text_encoder import TextFeatures
+from hipie.segments import Segments, SemanticMap
 
-
-@dataclass(frozen=True)
-class Segments:
-    """N segments of one image, in original image coordinates.
-
-    masks: (N, H, W) bool (for `vote` with RLE input: an empty (N, 0, 0) tensor, see `rles`).
-    boxes: (N, 4) float XYXY pixels (box head for things/parts, mask bbox for stuff/SAM masks).
-    labels: N label strings; label_ids: (N,) long into `vocabulary`.
-    scores: (N,) float confidence.
-    probs: (N, C) class distribution over `vocabulary` (rows sum to 1, or 0 without evidence).
-    is_thing: (N,) bool; parents: (N,) long index of the parent segment, -1 for none.
-    level: N of "stuff" | "instance" | "part" | "subpart".
-    vocabulary: the C class names that label_ids / probs refer to.
-    rles: COCO RLEs of the masks when the caller gave RLEs (`vote`), else None.
-    """
-
-    masks: torch.Tensor
-    boxes: torch.Tensor
-    labels: list[str]
-    label_ids: torch.Tensor
-    scores: torch.Tensor
-    probs: torch.Tensor
-    is_thing: torch.Tensor
-    parents: torch.Tensor
-    level: list[str]
-    vocabulary: list[str]
-    rles: list[dict] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class SemanticMap:
-    """label_map: (H, W) long index into `labels` for every pixel of the original image."""
-
-    label_map: torch.Tensor
-    labels: list[str]
+__all__ = ["HipiePredictor", "Segments", "SemanticMap"]
 
 
 @dataclass(frozen=True)
@@ -115,25 +79,6 @@ def _parent_part_columns(
     columns = torch.tensor(owner, dtype=torch.long, device=device)
     rows = torch.tensor([ids[t] for t in parent_things], dtype=torch.long, device=device)
     return columns[None, :] == rows[:, None]
-
-
-def _filter(seg: Segments, keep: torch.Tensor) -> Segments:
-    """The segments where `keep` (N,) bool is True (parents are not remapped)."""
-    idx = torch.nonzero(keep).flatten()
-    pick = idx.tolist()
-    return Segments(
-        masks=seg.masks[idx],
-        boxes=seg.boxes[idx],
-        labels=[seg.labels[i] for i in pick],
-        label_ids=seg.label_ids[idx],
-        scores=seg.scores[idx],
-        probs=seg.probs[idx],
-        is_thing=seg.is_thing[idx],
-        parents=seg.parents[idx],
-        level=[seg.level[i] for i in pick],
-        vocabulary=seg.vocabulary,
-        rles=None if seg.rles is None else [seg.rles[i] for i in pick],
-    )
 
 
 def _subset(masks, index: list[int]):
@@ -559,7 +504,7 @@ class HipiePredictor:
         part_segs = self._thing_task(None, part_prompts, "part", feats, infos, arrays)
         # parts obey the panoptic score threshold (instance/detect keep top-k for AP evaluation)
         part_segs = [
-            _filter(q, q.scores >= self.config.postprocess.score_threshold) for q in part_segs
+            q.filter(q.scores >= self.config.postprocess.score_threshold) for q in part_segs
         ]
         groups = DEFAULT_PART_GROUPS if part_groups is None else part_groups
         return [self._combine(p, q, groups, things) for p, q in zip(panoptic, part_segs)]
