@@ -710,32 +710,25 @@ class HipiePredictor:
     def _follow_parents(
         part: Segments, parents: torch.Tensor, pan: Segments, things: Sequence[str]
     ) -> tuple[Segments, torch.Tensor]:
-        """Sec. 3.7 pairs each part with the instance holding it, so a part lying in an instance
-        labeled X is one of X's parts: a part labeled otherwise ("car body" in a bird) takes the
-        best of X's parts in its class distribution, which is restricted to them and
-        renormalized; its score is scaled by that class's share of the old class's probability
-        (the score the candidate would have had with that class). A part with no probability on
-        X's parts keeps its label and loses the parent. Returns (parts, parents), new objects."""
+        """HIPIE's own parts under their instances follow `hipie.hierarchy.restrict_to_parent_parts`
+        (a part in an instance labeled X is one of X's parts). Returns (parts, parents), new."""
+        from hipie.hierarchy import restrict_to_parent_parts
+
         rows = [i for i in range(len(part)) if int(parents[i]) >= 0]
         if not rows:
             return part, parents
         allowed = _parent_part_columns(
             part.vocabulary, things, [pan.labels[int(parents[i])] for i in rows], part.probs.device
         )
+        index = torch.tensor(rows, dtype=torch.long, device=part.probs.device)
+        sub_probs, sub_scores, sub_labels, keep = restrict_to_parent_parts(
+            part.probs[index], part.scores[index], part.label_ids[index], allowed
+        )
         probs, scores = part.probs.clone(), part.scores.clone()
-        label_ids, labels, parents = part.label_ids.clone(), list(part.labels), parents.clone()
-        for j, i in enumerate(rows):
-            old = int(label_ids[i])
-            if allowed[j, old]:
-                continue
-            restricted = torch.where(allowed[j], probs[i], torch.zeros_like(probs[i]))
-            if restricted.sum() <= 0:
-                parents[i] = -1
-                continue
-            new = int(restricted.argmax())
-            scores[i] = scores[i] * probs[i, new] / probs[i, old].clamp(min=1e-12)
-            probs[i] = restricted / restricted.sum()
-            label_ids[i], labels[i] = new, part.vocabulary[new]
+        label_ids, parents = part.label_ids.clone(), parents.clone()
+        probs[index], scores[index], label_ids[index] = sub_probs, sub_scores, sub_labels
+        parents[index[~keep]] = -1
+        labels = [part.vocabulary[int(k)] if k >= 0 else "" for k in label_ids.tolist()]
         part = dataclasses.replace(
             part, labels=labels, label_ids=label_ids, scores=scores, probs=probs
         )
@@ -751,11 +744,11 @@ class HipiePredictor:
         label_ids: list[int],
         scores: list[float],
     ) -> None:
-        """A part lying in an instance labeled X can only be one of X's parts ("X head", ...):
-        its Eq. 5 distribution is restricted to those labels and renormalized (Sec. 3.7 pairs
-        each part with the instance it lies in). A part whose vote has no mass on X's parts
-        keeps its vote and loses the parent (no "car body" under a bird). Updates `probs`,
-        `label_ids`, `scores` and `parents` in place."""
+        """SAM parts' Eq. 5 votes under their instances follow the same rule as HIPIE's parts,
+        `hipie.hierarchy.restrict_to_parent_parts`. Updates `probs`, `label_ids`, `scores` and
+        `parents` in place."""
+        from hipie.hierarchy import restrict_to_parent_parts
+
         par = parents.tolist()  # all rows at once: one device sync, not one per part
         rows = [i for i in part_i if par[i] >= 0 and label_ids[par[i]] >= 0]
         if not rows:
@@ -763,15 +756,18 @@ class HipiePredictor:
         parent_things = [vocabulary[label_ids[par[i]]] for i in rows]
         allowed = _parent_part_columns(vocabulary, things, parent_things, probs.device)
         index = torch.tensor(rows, dtype=torch.long, device=probs.device)
-        restricted = torch.where(allowed, probs[index], torch.zeros_like(probs[index]))
-        total = restricted.sum(1)
-        kept = total > 0
-        restricted = restricted / total.clamp_min(1e-30)[:, None]
-        probs[index[kept]] = restricted[kept]
-        best = restricted.argmax(1)
-        best_score = restricted.gather(1, best[:, None])[:, 0]
-        for i, keep, label, score in zip(rows, kept.tolist(), best.tolist(), best_score.tolist()):
-            if not keep:
+        old_scores = torch.tensor([scores[i] for i in rows], dtype=probs.dtype, device=probs.device)
+        old_labels = torch.tensor(
+            [label_ids[i] for i in rows], dtype=torch.long, device=probs.device
+        )
+        new_probs, new_scores, new_labels, keep = restrict_to_parent_parts(
+            probs[index], old_scores, old_labels, allowed
+        )
+        probs[index] = new_probs
+        for i, kept, label, score in zip(
+            rows, keep.tolist(), new_labels.tolist(), new_scores.tolist()
+        ):
+            if not kept:
                 parents[i] = -1
                 continue
             label_ids[i], scores[i] = label, score
