@@ -9,6 +9,9 @@ the training classes follow it, and `jobs.review --dataset` refreshes the parts'
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +20,7 @@ import pytest
 import schemas
 from schemas import rle
 
+REPO = Path(__file__).resolve().parents[2]
 LEVELS = ("instances", "stuff", "parts", "subparts")
 LEVEL_OF = {"instances": "instance", "stuff": "stuff", "parts": "part", "subparts": "subpart"}
 
@@ -141,6 +145,21 @@ def test_jobs_train_reads_apply_model_labels(photos, tmp_path):
     sample = RowDataset(training_set, max_size=128)[0]  # what a fine-tuning worker reads
     assert sample.image.shape[0] == 3 and max(sample.image.shape[1:]) == 128
     assert len(sample.thing_masks) > 0 and set(sample.thing_classes) <= things
+
+    # the command a user runs (2 steps on a local Ray cluster; same FiftyOne database)
+    out = tmp_path / "ft"
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs.train", "--dataset", photos.name, "--label-field", "hipie",
+         "--tag", "", "--init", "random:tiny", "--output", str(out), "--steps", "2",
+         "--batch-size", "1", "--image-size", "128", "--workers", "1", "--cpus-per-worker", "0.5",
+         "--num-cpus", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=dict(os.environ),
+    )  # fmt: skip
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    summary = json.loads(done.stdout[done.stdout.rindex('{\n  "checkpoint"') :])
+    assert summary["step"] == 2
+    learned = json.loads(Path(summary["vocabulary"]).read_text())
+    assert set(learned["things"]) == things
 
 
 def test_a_renamed_instance_reaches_its_parts_in_export_and_dataset(photos, tmp_path):
