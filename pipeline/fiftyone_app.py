@@ -214,7 +214,7 @@ def refresh_instance_labels(collection, prefix: str = "", suffix: str = "") -> i
             part_values[sample_id] = new
             changed += sum(a != b for a, b in zip_longest(new, old))
         if has_subs and columns[5][s]:
-            new_sub = [of_part.get(p) for p in columns[5][s]]
+            new_sub = [of_part.get(p, labels.get(p)) for p in columns[5][s]]
             old_sub = list(columns[6][s] or [])
             if new_sub != old_sub:
                 sub_values[sample_id] = new_sub

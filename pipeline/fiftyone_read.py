@@ -88,6 +88,10 @@ def sample_keys(collection) -> list[str]:
         for path in all_paths:
             stem = PurePath(path).stem
             counts[stem] = counts.get(stem, 0) + 1
+        if "image_id" in schema:  # a stem that is another sample's image_id is taken too
+            for key in dataset.values("image_id"):
+                if key is not None and key in counts:
+                    counts[key] += 1
         keys = [
             k if k is not None else (stem if stem and counts[stem] == 1 else sample_id)
             for k, stem, sample_id in zip(keys, stems, ids)

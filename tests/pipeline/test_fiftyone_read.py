@@ -238,3 +238,24 @@ def test_ingested_parts_and_subparts_follow_a_renamed_instance(
     _export(dataset_name, "coco", tmp_path / "coco")
     data = json.loads((tmp_path / "coco" / "instances.json").read_text())
     assert {"android top", "android top left"} <= {c["name"] for c in data["categories"]}
+
+
+def test_two_apply_model_runs_need_a_choice_and_the_ingest_fields_are_the_default(photos):
+    import fiftyone as fo
+
+    from pipeline.fiftyone_read import label_prefixes, read_rows, resolve_prefix
+
+    dataset = photos.clone("apply-model-two-runs-test")
+    try:
+        dataset.clone_sample_field("hipie_instances", "sam2_instances")
+        dataset.clone_sample_field("hipie_label_run", "sam2_label_run")
+        assert label_prefixes(dataset) == ["hipie_", "sam2_"]
+        with pytest.raises(ValueError, match="several label fields \\('hipie', 'sam2'\\)"):
+            resolve_prefix(dataset)
+        rows, _ = read_rows(dataset, label_field="sam2")
+        assert sum(len(r["masks"]) for r in rows) == dataset.count("hipie_instances.detections")
+        assert {m["level"] for r in rows for m in r["masks"]} == {"instance"}
+        dataset.add_sample_field("label_runs", fo.ListField, subfield=fo.StringField)
+        assert resolve_prefix(dataset) == ""  # the ingest's fields, as before apply_model existed
+    finally:
+        dataset.delete()
