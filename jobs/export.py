@@ -1,10 +1,13 @@
 """`python -m jobs.export`: write a training set from label files or a reviewed FiftyOne dataset.
 
-    python -m jobs.export (--labels DIR | --dataset NAME [--tag reviewed] [--version N])
-        --format coco|coco-panoptic|parquet --output DIR [--categories FILE] [--database-uri URI]
+    python -m jobs.export (--labels DIR | --dataset NAME [--tag reviewed] [--version N]
+        [--label-field PREFIX]) --format coco|coco-panoptic|parquet --output DIR
+        [--categories FILE] [--database-uri URI]
 
 From ``--dataset`` the export takes the fields' current values, i.e. the reviewers' corrections;
-``--tag`` keeps only samples with that tag. ``--categories`` is a COCO category list (JSON, a list
+``--tag`` keeps only samples with that tag. ``--label-field`` picks the labels of
+``dataset.apply_model(..., label_field=PREFIX)`` (default: the ingest's fields when the dataset
+has them, else its one ``apply_model`` run; ``pipeline.fiftyone_read``). ``--categories`` is a COCO category list (JSON, a list
 or a dict with "categories") whose ids the export keeps. The logic lives in ``pipeline.export``.
 """
 
@@ -28,6 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--dataset", help="FiftyOne dataset name")
     parser.add_argument("--tag", help="with --dataset: only samples with this tag (e.g. reviewed)")
     parser.add_argument("--version", type=int, default=1, help="with --dataset: label version")
+    parser.add_argument(
+        "--label-field",
+        metavar="PREFIX",
+        help="with --dataset: the label_field given to apply_model (default: detected)",
+    )
     parser.add_argument("--format", required=True, choices=export.FORMATS)
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--categories", help="COCO categories JSON whose ids to keep")
@@ -62,13 +70,18 @@ def _main(argv: list[str] | None) -> int:
             os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
         import fiftyone as fo
 
-        from pipeline import fiftyone_io
+        from pipeline import fiftyone_read
 
         if not fo.dataset_exists(args.dataset):
             raise UsageError(f"dataset {args.dataset!r} does not exist")
         dataset = fo.load_dataset(args.dataset)
         view = dataset.match_tags(args.tag) if args.tag else dataset
-        rows, reviewed = fiftyone_io.read_rows(view, version=args.version)
+        try:
+            rows, reviewed = fiftyone_read.read_rows(
+                view, version=args.version, label_field=args.label_field
+            )
+        except ValueError as exc:
+            raise UsageError(f"--dataset {args.dataset}: {exc}") from None
         vocabulary = {"vocabularies": dataset.info.get("vocabularies", {})}
     result = export.export_rows(
         rows,

@@ -6,7 +6,10 @@
 The dataset is persistent, on FiftyOne's bundled MongoDB unless ``--database-uri`` names another
 (FiftyOne's ``database_uri``). ``--launch`` serves the App on ``address:port`` (localhost by
 default: reach it from a laptop with ``ssh -N -L PORT:localhost:PORT user@host``) and blocks until
-interrupted. The logic lives in ``pipeline.fiftyone_io``.
+interrupted. Without ``--labels``, the command refreshes an existing dataset after review edits
+(``pipeline.fiftyone_app.refresh_review``): parts' ``instance_label`` follows their instance's
+current label, margins, colours for renamed classes, saved views; for the ingest's fields and each
+``apply_model`` run's. The logic lives in ``pipeline.fiftyone_io`` and ``pipeline.fiftyone_app``.
 """
 
 from __future__ import annotations
@@ -71,7 +74,15 @@ def _main(argv: list[str] | None) -> int:
             flush=True,
         )
     elif fo.dataset_exists(args.dataset):
+        from pipeline.fiftyone_app import refresh_review
+
         dataset = fo.load_dataset(args.dataset)
+        views = refresh_review(dataset)  # after edits: instance_label, margins, colours, views
+        print(
+            f"dataset {dataset.name!r}: {len(dataset)} samples; refreshed instance_label, "
+            f"margins, colours and the saved views {sorted(views)}",
+            flush=True,
+        )
     else:
         raise UsageError(f"dataset {args.dataset!r} does not exist; give --labels to create it")
     if not args.launch:

@@ -4,6 +4,9 @@ Examples:
   # the samples tagged "reviewed" in a FiftyOne dataset, 2 CPU workers on a local cluster:
   python -m jobs.train --dataset my-review --init tiny --output runs/ft1 --workers 2
 
+  # the labels that dataset.apply_model(HipieModel(...), label_field="hipie") wrote, all samples:
+  python -m jobs.train --dataset my-photos --label-field hipie --tag '' --output runs/ft1
+
   # an export (jobs.export --format parquet) on a GPU cluster, one worker per GPU; the output
   # and Ray Train storage on a file system all nodes share:
   ray job submit --working-dir . -- python -m jobs.train --labels /shared/export/ \\
@@ -53,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag",
         default="reviewed",
         help="with --dataset: train on samples with this tag; '' for all (default: reviewed)",
+    )
+    data.add_argument(
+        "--label-field",
+        metavar="PREFIX",
+        help="with --dataset: the label_field given to apply_model (default: the ingest's "
+        "fields if any, else the one apply_model run)",
     )
     data.add_argument("--images", metavar="DIR", help="with --coco: the image folder")
     data.add_argument(
@@ -143,7 +152,12 @@ def training_set_from_args(args: argparse.Namespace) -> TrainingSet:
 
         if not fo.dataset_exists(args.dataset):
             raise UsageError(f"dataset {args.dataset!r} does not exist")
-        return training_set_from_dataset(args.dataset, tag=args.tag or None)
+        try:
+            return training_set_from_dataset(
+                args.dataset, tag=args.tag or None, label_field=args.label_field
+            )
+        except ValueError as exc:
+            raise UsageError(f"--dataset {args.dataset}: {exc}") from None
     if args.labels:
         return training_set_from_labels(args.labels)
     return training_set_from_coco(args.coco, args.images)

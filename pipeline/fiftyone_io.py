@@ -23,6 +23,8 @@ Layout of one sample (one image, keyed by ``image_id``):
   still ingested with its labels, tagged ``media-error``, and ``media_error`` holds the reason;
   the ingest goes on.
 
+Reading the labels back as rows (export, fine-tuning) is ``pipeline.fiftyone_read``.
+
 Ingest rules (see ``ingest_rows``): a run id the sample already holds changes nothing (idempotent);
 a newer run of an existing sample goes into the next version's fields and never overwrites the
 plain fields, except with ``replace_unreviewed=True`` for samples that are neither tagged
@@ -38,7 +40,7 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import fiftyone as fo
@@ -384,117 +386,3 @@ def ingest_labels(
         ]
         setup_review(dataset, vocabulary=classes)
     return dataset, IngestResult(**totals)
-
-
-# --------------------------------------------------------------------------- read back
-def _full_mask(det: fo.Detection, width: int, height: int) -> np.ndarray:
-    """The (H, W) bool mask of a detection, its box-cropped mask pasted back at pixel precision."""
-    full = np.zeros((height, width), dtype=bool)
-    if det.mask is None:
-        return full
-    bx, by, bw, bh = det.bounding_box
-    x0, y0 = int(round(bx * width)), int(round(by * height))
-    x1, y1 = int(round((bx + bw) * width)), int(round((by + bh) * height))
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if x1 <= x0 or y1 <= y0:
-        return full
-    mask = np.asarray(det.mask).astype(bool)
-    if mask.shape != (y1 - y0, x1 - x0):  # e.g. drawn in an annotation tool: nearest resize
-        rows = (np.arange(y1 - y0) * mask.shape[0] // (y1 - y0)).clip(0, mask.shape[0] - 1)
-        cols = (np.arange(x1 - x0) * mask.shape[1] // (x1 - x0)).clip(0, mask.shape[1] - 1)
-        mask = mask[rows][:, cols]
-    full[y0:y1, x0:x1] = mask
-    return full
-
-
-def _masks_from_sample(labels: dict[str, fo.Detections | None], width: int, height: int) -> list:
-    """Schema masks from the current detections; new detections get fresh mask ids."""
-    dets = [
-        (FIELD_LEVELS[name], det)
-        for name in FIELD_LEVELS
-        for det in (labels.get(name).detections if labels.get(name) else [])
-    ]
-    used: set[int] = set()
-    ids: list[int] = []
-    for _, det in dets:  # keep ingested mask ids where they are still unique
-        mid = getattr(det, "mask_id", None)
-        ids.append(-1 if mid is None or mid in used else int(mid))
-        used.add(ids[-1])
-    next_id = max(used | {-1}) + 1
-    for k, value in enumerate(ids):
-        if value < 0:
-            ids[k], next_id = next_id, next_id + 1
-    by_det_id = {det.id: mask_id for (_, det), mask_id in zip(dets, ids)}
-    masks = []
-    for (level, det), mask_id in zip(dets, ids):
-        get = lambda name, det=det: getattr(det, name, None)  # noqa: E731
-        model_label = get("model_label")
-        corrected = model_label is not None and det.label != model_label
-        parent = by_det_id.get(get("parent_id")) if get("parent_id") else None
-        masks.append(
-            schemas.make_mask(
-                mask_id=mask_id,
-                rle=rle_utils.encode(_full_mask(det, width, height)),
-                level=level,
-                label=det.label,
-                # a label a reviewer changed is a human label: the model's score and top-k no
-                # longer describe it
-                score=1.0 if corrected or det.confidence is None else float(det.confidence),
-                topk_labels=[det.label] if corrected else list(get("topk_labels") or []),
-                topk_scores=[1.0] if corrected else list(get("topk_scores") or []),
-                parent_id=parent if parent != mask_id else None,
-                origin=get("origin") if get("origin") in schemas.ORIGINS else "hipie",
-                sam_iou=get("sam_iou"),
-                sam_stability=get("sam_stability"),
-            )
-        )
-    return masks
-
-
-def read_rows(
-    collection: fo.core.collections.SampleCollection, *, version: int = 1
-) -> tuple[list[dict], set[str]]:
-    """Schema-v1 rows from the current field values (the reviewers' corrections) of a dataset or
-    view, and the image ids of the samples tagged ``reviewed``.
-
-    Args:
-        collection: a dataset or view (e.g. ``dataset.match_tags("reviewed")``).
-        version: which label version to read (1 = the plain fields).
-    """
-    suffix = version_suffix(version)
-    schema = collection.get_field_schema()
-    names = [n for n in FIELD_LEVELS if f"{n}{suffix}" in schema]
-    fields = ["image_id", "uri", "shard", "tags", "label_runs", "metadata"]
-    error_field = f"label_error{suffix}" if f"label_error{suffix}" in schema else None
-    columns = collection.values(
-        fields + [f"{n}{suffix}" for n in names] + ([error_field] if error_field else [])
-    )
-    rows, reviewed = [], set()
-    for s in range(len(columns[0])):
-        key, uri, shard, tags, runs, metadata = (columns[i][s] for i in range(len(fields)))
-        labels = {n: columns[len(fields) + i][s] for i, n in enumerate(names)}
-        error = columns[-1][s] if error_field else None
-        if REVIEWED_TAG in (tags or []):
-            reviewed.add(key)
-        runs = runs or []
-        if len(runs) < version:
-            continue  # the sample has no such version
-        model, vocabulary_hash, labeled_at = parse_run_id(runs[version - 1])
-        width = metadata.width if metadata else None
-        height = metadata.height if metadata else None
-        common = dict(image_id=key, uri=uri, shard=shard or "", model=model)
-        common.update(vocabulary_hash=vocabulary_hash, width=width, height=height)
-        if error or not width or not height:
-            rows.append(
-                schemas.make_error_row(
-                    error=error or "no image size", labeled_at=labeled_at, **common
-                )
-            )
-            continue
-        masks = _masks_from_sample(labels, width, height)
-        rows.append(
-            schemas.make_ok_row(
-                masks=masks, labeled_at=labeled_at or datetime.now(timezone.utc), **common
-            )
-        )
-    return rows, reviewed
