@@ -13,8 +13,8 @@ this process (the driver), with the shipped tiny model and a small vocabulary, a
 Reported, in MiB: the driver's resident memory before Ray starts, after ``ray.init`` (the
 baseline of the job), its peak during the run (sampled every 50 ms by a thread, and the kernel's
 ``ru_maxrss``, which also counts image writing and imports), and the size of the Parquet output
-(the rows that went through the driver). The workers' memory is not counted: they are other
-processes.
+(the rows, which went through the driver before the job wrote part files on the workers). The
+workers' memory is not counted: they are other processes.
 """
 
 from __future__ import annotations

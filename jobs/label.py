@@ -46,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image folder, SA-1B .tar shard (or folder of them), or manifest (.parquet/.csv with a "
         "'uri' column); local path or s3://, gs://, file:// URI; repeat for several",
     )
-    io.add_argument("--output", required=True, metavar="DIR", help="folder for the Parquet files")
+    io.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR|URI",
+        help="folder or URI (s3://, gs://, hdfs://) for the Parquet files; the workers write "
+        "there directly",
+    )
     io.add_argument(
         "--overwrite", action="store_true", help="relabel shards that already have output"
     )

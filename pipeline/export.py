@@ -63,14 +63,18 @@ class ExportResult:
 
 # --------------------------------------------------------------------------- inputs
 def label_files(labels: str | os.PathLike) -> list[Path]:
-    """The label Parquet files under a folder (or the file itself), sorted, temp files skipped."""
+    """The label Parquet files under a folder (or the file itself), sorted; temporary files and
+    anything under a folder named "_..." or "..." (the labeling job's ``_parts/`` of shards not
+    yet committed) are skipped."""
     root = Path(labels)
     if root.is_file():
         return [root]
     files = sorted(
         p
         for p in root.rglob("*.parquet")
-        if not p.name.startswith(".") and not p.name.endswith(".reviewed.parquet")
+        if not p.name.startswith(".")
+        and not p.name.endswith(".reviewed.parquet")
+        and not any(d.startswith(("_", ".")) for d in p.relative_to(root).parts[:-1])
     )
     if not files:
         raise FileNotFoundError(f"no .parquet label files under {root}")
