@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.labeler import load_model
+from pipeline.labeler import load_model, make_predictor
 from pipeline.vocabulary import load_vocabulary
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_panoptic_sample"
@@ -42,10 +42,8 @@ def main() -> None:
     p.add_argument("--sample", type=Path, default=SAMPLE, help="COCO sample folder")
     args = p.parse_args()
 
-    from hipie import HipiePredictor
-
     vocab = load_vocabulary()
-    predictor = HipiePredictor(load_model(args.checkpoint), device=args.device)
+    predictor = make_predictor(load_model(args.checkpoint), device=args.device)
     images = _photos(args.sample)
     things, stuff, parts = list(vocab.things), list(vocab.stuff), list(vocab.parts)
     groups = dict(vocab.part_groups)

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +25,9 @@ from hipie.config import (
     TextEncoderConfig,
 )
 from hipie.modeling.model import HipieModel
+
+if TYPE_CHECKING:
+    from hipie.modeling.hipie_release import HipieRelease
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 TEXT_BERT_PREFIX = "text_encoder.bert."  # state-dict keys of the BERT-family text encoder
@@ -203,20 +207,40 @@ def _checkpoint_dir(checkpoint: str | Path) -> Path:
     return path
 
 
+def _is_release_spec(checkpoint: str | Path) -> bool:
+    """A release checkpoint: a `.pth` / `.pt` file, or a hub `owner/repo/file.pth` (not a folder)."""
+    return str(checkpoint).endswith((".pth", ".pt")) and not Path(checkpoint).is_dir()
+
+
 def build_hipie(
     preset_or_config: str | HipieConfig = "tiny",
     checkpoint: str | None = None,
     *,
     text_encoder: str | None = None,
-) -> HipieModel:
+) -> HipieModel | HipieRelease:
     """Build a HIPIE model in eval mode.
 
     Args:
         preset_or_config: "tiny", "r50", "vit_h", or a `HipieConfig`.
         checkpoint: a checkpoint folder (from `save_checkpoint`), or a preset name for the shipped
             weights in `hipie/weights/<name>/`. The checkpoint's own config.json is used.
+            The released architecture (`HipieRelease`) comes from a release checkpoint (a `.pth`
+            file, or a Hugging Face `owner/repo/file.pth`) or from "random:r50" /
+            "random:vit_h" (random weights, random BERT, offline); "random:<preset>" builds our
+            preset with random weights.
         text_encoder: override the text encoder (hub name or local folder with weights).
     """
+    if checkpoint is not None and str(checkpoint).startswith("random:"):
+        from hipie.release_build import RELEASE_PRESETS, release_model
+
+        name = str(checkpoint).split(":", 1)[1]
+        if name in RELEASE_PRESETS:
+            return release_model(name)
+        return build_hipie(name, text_encoder=text_encoder)
+    if checkpoint is not None and _is_release_spec(checkpoint):
+        from hipie.release_build import load_release_checkpoint
+
+        return load_release_checkpoint(checkpoint)
     if checkpoint is not None:
         path = _checkpoint_dir(checkpoint)
         config = HipieConfig.from_dict(json.loads((path / "config.json").read_text()))

@@ -67,8 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument(
         "--checkpoint",
         default="tiny",
-        metavar="tiny|PATH",
-        help="HIPIE weights: 'tiny' (shipped with the package) or a checkpoint folder (default: tiny)",
+        metavar="tiny|PATH|FILE.pth",
+        help="HIPIE weights: 'tiny' (shipped with the package), a checkpoint folder, a released "
+        "checkpoint (r50_parts.pth, vit_h_cloud.pth, or a Hugging Face owner/repo/file.pth), or "
+        "random:r50 / random:vit_h (the released architecture, random weights; for benchmarks) "
+        "(default: tiny)",
+    )
+    model.add_argument(
+        "--test-size",
+        type=int,
+        metavar="N",
+        help="inference size: the shortest edge for released checkpoints (default 1024, as the "
+        "release), the longer side for our own checkpoints (default: the checkpoint's)",
     )
     model.add_argument(
         "--sam-checkpoint",
@@ -211,6 +221,7 @@ def _main(argv: list[str] | None) -> int:
         cpus_per_actor=args.cpus_per_actor,
         folder_shard_size=args.shard_size,
         overwrite=args.overwrite,
+        test_size=args.test_size,
     )
     summary = run_label_job(config, progress=not args.no_progress)
     print(json.dumps(summary.to_dict(), indent=2))

@@ -44,7 +44,7 @@ class LabelJobConfig:
     ]  # folders, SA-1B tar shards (or folders of them), manifests; local or fsspec
     output: str  # folder or URI (s3://, gs://, ...) of the Parquet files and _summary.json
     vocabulary_json: str  # pipeline.vocabulary.Vocabulary.to_json()
-    checkpoint: str = "tiny"  # "tiny" (shipped), a checkpoint folder, or "random:<preset>"
+    checkpoint: str = "tiny"  # "tiny", a checkpoint folder, a release .pth, or "random:<preset>"
     sam_checkpoint: str | None = (
         None  # SAM weights for images without SA-1B masks; None = HIPIE only
     )
@@ -59,6 +59,7 @@ class LabelJobConfig:
     max_pixels: int = decode.DEFAULT_MAX_PIXELS  # larger images become error rows (bombs)
     topk: int = 3  # labels and scores kept per mask
     overwrite: bool = False  # relabel shards whose output already exists
+    test_size: int | None = None  # inference size (release: shortest edge); None = the model's
 
     @property
     def vocabulary(self) -> Vocabulary:

@@ -16,6 +16,7 @@ A failure on one image becomes that image's ``error`` row; the batch goes on.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import traceback
 from datetime import datetime, timezone
@@ -36,11 +37,11 @@ def model_name(checkpoint: str) -> str:
 
 
 def load_model(checkpoint: str):
-    """``tiny`` (shipped weights), ``random:<preset>`` (untrained, for benchmarks) or a folder."""
+    """``tiny`` (shipped weights), ``random:<preset>`` (untrained, for benchmarks; ``random:r50``
+    and ``random:vit_h`` are the released architecture), a folder, or a released checkpoint
+    (``r50_parts.pth``, or a Hugging Face ``owner/repo/file.pth``): see ``hipie.build_hipie``."""
     from hipie import build_hipie
 
-    if checkpoint.startswith("random:"):
-        return build_hipie(checkpoint.split(":", 1)[1])
     return build_hipie(checkpoint=checkpoint)
 
 
@@ -50,14 +51,39 @@ def model_input_side(checkpoint: str) -> int | None:
     their own size and the labeler resizes them)."""
     from hipie.build import PRESETS, _checkpoint_dir
     from hipie.config import HipieConfig
+    from hipie.release_build import RELEASE_PRESETS
 
     try:
         if checkpoint.startswith("random:"):
-            return int(PRESETS[checkpoint.split(":", 1)[1]]().test_size)
+            name = checkpoint.split(":", 1)[1]
+            if name in RELEASE_PRESETS:  # the released architecture resizes the shortest edge
+                return None
+            return int(PRESETS[name]().test_size)
         config = json.loads((_checkpoint_dir(checkpoint) / "config.json").read_text())
         return int(HipieConfig.from_dict(config).test_size)
     except (OSError, KeyError, ValueError, TypeError):  # another kind of checkpoint
         return None
+
+
+def make_predictor(
+    model, *, device: str | None, clip=None, precision: str = "fp32", test_size: int | None = None
+):
+    """The predictor of the model's family: ``ReleaseHierarchyPredictor`` for a ``HipieRelease``
+    (``test_size`` = its shortest edge), else ``HipiePredictor`` (``test_size`` = longer side)."""
+    from hipie.modeling.hipie_release import HipieRelease
+
+    if isinstance(model, HipieRelease):
+        from hipie.release_hierarchy import ReleaseHierarchyPredictor
+
+        return ReleaseHierarchyPredictor(
+            model, device=device, clip=clip, precision=precision, min_size=test_size
+        )
+    from hipie import HipiePredictor
+
+    predictor = HipiePredictor(model, device=device, clip=clip, precision=precision)
+    if test_size:
+        predictor.config = dataclasses.replace(predictor.config, test_size=test_size)
+    return predictor
 
 
 def load_clip(spec: str | None, device: str):
@@ -190,13 +216,12 @@ class Labeler:
         self.vocabulary_hash = vocabulary.hash
         self.model = model_name(config.checkpoint)
         self.replace = set(config.replace_classes)
-        from hipie import HipiePredictor
-
-        self.predictor = HipiePredictor(
+        self.predictor = make_predictor(
             load_model(config.checkpoint),
             device=self.device,
             clip=load_clip(config.clip, self.device),
             precision="bf16" if use_gpu else "fp32",  # bf16 pays on GPUs, not on CPUs
+            test_size=config.test_size,
         )
         self.sam = None
         if config.sam_checkpoint:
