@@ -78,12 +78,22 @@ def json_file(path: str, option: str) -> object:
 
 def checkpoint(value: str, option: str, *, shipped_may_be_missing: bool = False) -> None:
     """A UsageError unless ``value`` names a HIPIE model that can be loaded: a preset's shipped
-    weights ("tiny"), ``random:<preset>``, or a checkpoint folder (``model.safetensors`` and
-    ``config.json``, as ``hipie.save_checkpoint`` writes it).
+    weights ("tiny"), ``random:<preset>``, a checkpoint folder (``model.safetensors`` and
+    ``config.json``, as ``hipie.save_checkpoint`` and ``hipie.convert`` write them), or a release
+    checkpoint (``r50_parts.pth``, or a Hugging Face ``owner/repo/file.pth``).
 
     ``shipped_may_be_missing``: a preset name without shipped weights is fine (the caller falls
     back to random weights, as fine-tuning does).
     """
+    if value.endswith((".pth", ".pt")) and not Path(value).is_dir():
+        # a release checkpoint (r50_parts.pth), local or a hub owner/repo/file.pth
+        from hipie.release_checkpoint import resolve_release_path
+
+        try:
+            resolve_release_path(value)
+        except FileNotFoundError as e:
+            raise UsageError(f"{option} {value}: {one_line(e)}") from None
+        return
     if value.startswith("random:") or (not Path(value).exists() and "/" not in value):
         from hipie.build import PRESETS, WEIGHTS_DIR
 

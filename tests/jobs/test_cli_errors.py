@@ -73,6 +73,16 @@ CASES = {
         ["--input", "{images}", "--output", "{tmp}/out", "--checkpoint", "{tmp}/nope"],
         "--checkpoint {tmp}/nope: no such folder",
     ),
+    "label: release checkpoint missing": (
+        "jobs.label",
+        ["--input", "{images}", "--output", "{tmp}/out", "--checkpoint", "{tmp}/r50_parts.pth"],
+        "--checkpoint {tmp}/r50_parts.pth: no release checkpoint at",
+    ),
+    "label: release checkpoint on the hub, offline": (
+        "jobs.label",
+        ["--input", "{images}", "--output", "{tmp}/out", "--checkpoint", "no-such/repo/r50.pth"],
+        "Hugging Face hub",
+    ),
     "review: labels missing": (
         "jobs.review",
         ["--labels", "{tmp}/no-labels", "--dataset", "never-created"],

@@ -99,3 +99,7 @@ def test_convert_cli_round_trip(tmp_path, predictor, photo):
     for (k, a), b in zip(model.state_dict().items(), predictor.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert main(["--official", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")]) == 2
+    from hipie import build_hipie
+    from hipie.modeling.hipie_release import HipieRelease
+
+    assert isinstance(build_hipie(checkpoint=str(tmp_path / "ours")), HipieRelease)
