@@ -26,7 +26,7 @@ import torch
 
 def make_shards(folder: Path, *, images: int, per_shard: int, width: int, height: int) -> list[str]:
     """Write (or reuse) SA-1B-format shards of generated scenes; returns their paths."""
-    from hipie.training.synthetic import SceneConfig, SceneGenerator, write_sa1b_shard
+    from hipie.synthetic.generator import SceneConfig, SceneGenerator, write_sa1b_shard
 
     tag = f"{width}x{height}-{images}-{per_shard}"
     root = folder / tag

@@ -225,7 +225,8 @@ def build_hipie(
         checkpoint: a checkpoint folder (from `save_checkpoint`), or a preset name for the shipped
             weights in `hipie/weights/<name>/`. The checkpoint's own config.json is used.
             The released architecture (`HipieRelease`) comes from a release checkpoint (a `.pth`
-            file, or a Hugging Face `owner/repo/file.pth`) or from "random:r50" /
+            file, or a Hugging Face `owner/repo/file.pth`), a folder that `python -m hipie.convert`
+            wrote, or "random:r50" /
             "random:vit_h" (random weights, random BERT, offline); "random:<preset>" builds our
             preset with random weights.
         text_encoder: override the text encoder (hub name or local folder with weights).
@@ -241,6 +242,11 @@ def build_hipie(
         from hipie.release_build import load_release_checkpoint
 
         return load_release_checkpoint(checkpoint)
+    if checkpoint is not None:
+        from hipie.release_build import is_release_folder, load_release_folder
+
+        if is_release_folder(checkpoint):  # written by `python -m hipie.convert`
+            return load_release_folder(checkpoint)
     if checkpoint is not None:
         path = _checkpoint_dir(checkpoint)
         config = HipieConfig.from_dict(json.loads((path / "config.json").read_text()))

@@ -95,12 +95,12 @@ def evaluate_synthetic(
 ) -> dict:
     """Score a HIPIE model on freshly generated synthetic scenes (all tasks of Table 2).
 
-    Scenes come from `hipie.training.synthetic.SceneGenerator` with `seed`; pick a seed that was
+    Scenes come from `hipie.synthetic.generator.SceneGenerator` with `seed`; pick a seed that was
     not used for training. `held_out=True` draws the held-out compositions.
     """
     import hipie
     from hipie.evaluation.benchmark import TASKS, evaluate_scenes
-    from hipie.training.synthetic import SceneConfig, SceneGenerator
+    from hipie.synthetic.generator import SceneConfig, SceneGenerator
 
     model = hipie.build_hipie(preset, checkpoint)
     predictor = hipie.HipiePredictor(model, device=device)

@@ -26,6 +26,7 @@ __all__ = [
     "assign_parents",
     "compose_part_prompts",
     "group_parts",
+    "parents_from_intersections",
     "split_part_label",
 ]
 
@@ -71,10 +72,19 @@ def assign_parents(
         go to the lower instance index.
     """
     inter = intersection_areas(part_masks, instance_masks, max_side=max_side)  # (P, I)
+    if inter.shape[1] == 0:
+        return torch.full((inter.shape[0],), -1, dtype=torch.long, device=inter.device)
+    areas = mask_areas(part_masks).to(inter.device)  # (P,)
+    return parents_from_intersections(inter, areas, min_fraction=min_fraction)
+
+
+def parents_from_intersections(
+    inter: torch.Tensor, areas: torch.Tensor, *, min_fraction: float = 0.5
+) -> torch.Tensor:
+    """`assign_parents` from intersection areas ``(P, I)`` and part areas ``(P,)``."""
     num_parts, num_instances = inter.shape
     if num_instances == 0:
         return torch.full((num_parts,), -1, dtype=torch.long, device=inter.device)
-    areas = mask_areas(part_masks).to(inter.device)  # (P,)
     fraction = inter / areas.clamp_min(1.0)[:, None]  # (P, I)
     best_fraction, best = fraction.max(dim=1)  # (P,), (P,)
     ok = (areas > 0) & (best_fraction >= min_fraction) & (best_fraction > 0)
@@ -191,3 +201,37 @@ def _coarse_label(
         if label.endswith(" " + fine):
             return label[: -len(fine)] + fine_to_coarse[fine]
     return None
+
+
+def restrict_to_parent_parts(
+    probs: torch.Tensor, scores: torch.Tensor, label_ids: torch.Tensor, allowed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one rule for a part lying in an instance labeled X (Sec. 3.7 pairs each part with the
+    instance holding it): it can only be one of X's parts.
+
+    Each part's class distribution is restricted to X's part columns (`allowed`) and renormalized;
+    its label becomes the best of them and its score is scaled by that class's share of the old
+    label's probability (the score it would have had with that class; unchanged when its label
+    already is one of X's parts). A part with no probability on X's parts keeps everything and is
+    reported in `keep` as False: the caller cuts its parent link (no "car body" under a bird).
+    HIPIE's own parts and parts voted onto SAM masks both go through here.
+
+    Args:
+        probs: (P, C) class distributions; scores: (P,); label_ids: (P,) long, the current labels;
+        allowed: (P, C) bool, the columns that are parts of each part's parent instance's class.
+    Returns:
+        (probs, scores, label_ids, keep), new tensors.
+    """
+    restricted = torch.where(allowed, probs, torch.zeros_like(probs))
+    total = restricted.sum(1)
+    keep = total > 0
+    best = restricted.argmax(1)
+    old_p = probs.gather(1, label_ids.clamp(min=0)[:, None])[:, 0]
+    new_p = probs.gather(1, best[:, None])[:, 0]
+    factor = new_p / old_p.clamp(min=1e-12)
+    return (
+        torch.where(keep[:, None], restricted / total.clamp_min(1e-30)[:, None], probs),
+        torch.where(keep, scores * factor.to(scores.dtype), scores),
+        torch.where(keep, best, label_ids),
+        keep,
+    )

@@ -32,45 +32,9 @@ from hipie.modeling.model import HipieModel
 from hipie.modeling.outputs import DecoderOutput
 from hipie.modeling.pixel_decoder import ImageFeatures
 from hipie.modeling.text_encoder import TextFeatures
+from hipie.segments import Segments, SemanticMap
 
-
-@dataclass(frozen=True)
-class Segments:
-    """N segments of one image, in original image coordinates.
-
-    masks: (N, H, W) bool (for `vote` with RLE input: an empty (N, 0, 0) tensor, see `rles`).
-    boxes: (N, 4) float XYXY pixels (box head for things/parts, mask bbox for stuff/SAM masks).
-    labels: N label strings; label_ids: (N,) long into `vocabulary`.
-    scores: (N,) float confidence.
-    probs: (N, C) class distribution over `vocabulary` (rows sum to 1, or 0 without evidence).
-    is_thing: (N,) bool; parents: (N,) long index of the parent segment, -1 for none.
-    level: N of "stuff" | "instance" | "part" | "subpart".
-    vocabulary: the C class names that label_ids / probs refer to.
-    rles: COCO RLEs of the masks when the caller gave RLEs (`vote`), else None.
-    """
-
-    masks: torch.Tensor
-    boxes: torch.Tensor
-    labels: list[str]
-    label_ids: torch.Tensor
-    scores: torch.Tensor
-    probs: torch.Tensor
-    is_thing: torch.Tensor
-    parents: torch.Tensor
-    level: list[str]
-    vocabulary: list[str]
-    rles: list[dict] | None = None
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-@dataclass(frozen=True)
-class SemanticMap:
-    """label_map: (H, W) long index into `labels` for every pixel of the original image."""
-
-    label_map: torch.Tensor
-    labels: list[str]
+__all__ = ["HipiePredictor", "Segments", "SemanticMap"]
 
 
 @dataclass(frozen=True)
@@ -115,25 +79,6 @@ def _parent_part_columns(
     columns = torch.tensor(owner, dtype=torch.long, device=device)
     rows = torch.tensor([ids[t] for t in parent_things], dtype=torch.long, device=device)
     return columns[None, :] == rows[:, None]
-
-
-def _filter(seg: Segments, keep: torch.Tensor) -> Segments:
-    """The segments where `keep` (N,) bool is True (parents are not remapped)."""
-    idx = torch.nonzero(keep).flatten()
-    pick = idx.tolist()
-    return Segments(
-        masks=seg.masks[idx],
-        boxes=seg.boxes[idx],
-        labels=[seg.labels[i] for i in pick],
-        label_ids=seg.label_ids[idx],
-        scores=seg.scores[idx],
-        probs=seg.probs[idx],
-        is_thing=seg.is_thing[idx],
-        parents=seg.parents[idx],
-        level=[seg.level[i] for i in pick],
-        vocabulary=seg.vocabulary,
-        rles=None if seg.rles is None else [seg.rles[i] for i in pick],
-    )
 
 
 def _subset(masks, index: list[int]):
@@ -559,7 +504,7 @@ class HipiePredictor:
         part_segs = self._thing_task(None, part_prompts, "part", feats, infos, arrays)
         # parts obey the panoptic score threshold (instance/detect keep top-k for AP evaluation)
         part_segs = [
-            _filter(q, q.scores >= self.config.postprocess.score_threshold) for q in part_segs
+            q.filter(q.scores >= self.config.postprocess.score_threshold) for q in part_segs
         ]
         groups = DEFAULT_PART_GROUPS if part_groups is None else part_groups
         return [self._combine(p, q, groups, things) for p, q in zip(panoptic, part_segs)]
@@ -674,58 +619,73 @@ class HipiePredictor:
         hier = self.hierarchy_batch(images, things, stuff, parts, **hierarchy_options)
         return [self.vote_from_hierarchy(h, sam, things) for h, sam in zip(hier, sam_masks)]
 
-    def vote_from_hierarchy(self, h: Segments, sam, things: Sequence[str]) -> Segments:
+    def vote_from_hierarchy(
+        self,
+        h: Segments,
+        sam,
+        things: Sequence[str],
+        *,
+        hipie_rles: Sequence[dict] | None = None,
+        method: str = "auto",
+    ) -> Segments:
         """Eq. 5 for one image whose `hierarchy` result `h` is already computed (see
-        `vote_batch`); `sam` is a dense (S, H, W) bool tensor or a list of S COCO RLEs."""
-        from hipie.hierarchy import assign_parents
-        from hipie.vote import intersection_areas, mask_areas, vote
+        `vote_batch`); `sam` is a dense (S, H, W) bool tensor or a list of S COCO RLEs.
+
+        With RLEs, `h`'s masks may be at a smaller resolution than the RLEs (the model's, for an
+        image the caller resized): they stand for their nearest-neighbour upsampling, and the
+        intersections are exact either way (`hipie.vote_areas`: ``method`` "rle" through
+        pycocotools, with `hipie_rles` = `h`'s image-size RLEs when the caller has them, or
+        "grid", one matmul on `h`'s device; "auto" takes grid off the CPU). All of Eq. 5, the
+        instance match and the part containment come from one (S, K) intersection matrix.
+        """
+        from hipie.hierarchy import assign_parents, parents_from_intersections
+        from hipie.vote import intersection_areas, mask_areas, vote_from_intersections
+        from hipie.vote_areas import sam_hipie_areas
 
         is_rle = not isinstance(sam, torch.Tensor)
         S = len(sam)
         dev = h.scores.device
-        if not is_rle:
+        if is_rle:
+            sam = list(sam)
+            areas = sam_hipie_areas(sam, h.masks, hipie_rles=hipie_rles, method=method)
+            inter_all, sam_area, hipie_area = (
+                t.to(dev) for t in (areas.inter, areas.sam, areas.hipie)
+            )
+        else:
             sam = sam.to(h.masks.device).bool()
+            inter_all = intersection_areas(sam, h.masks, max_side=self.vote_max_side).to(dev)
+            sam_area, hipie_area = mask_areas(sam).to(dev), mask_areas(h.masks).to(dev)
         obj = [i for i, lv in enumerate(h.level) if lv in ("instance", "stuff")]
         fine = sorted(self._fine_parts(h))
         objt = torch.tensor(obj, dtype=torch.long, device=dev)
         finet = torch.tensor(fine, dtype=torch.long, device=dev)
-        obj_masks, part_masks = h.masks[objt], h.masks[finet]
-        v_obj = vote(sam, obj_masks, h.probs[objt], max_side=self.vote_max_side)
-        v_part = vote(sam, part_masks, h.probs[finet], max_side=self.vote_max_side)
+        v_obj = vote_from_intersections(inter_all[:, objt], h.probs[objt], sam_area)
+        v_part = vote_from_intersections(inter_all[:, finet], h.probs[finet], sam_area)
         inst = objt[h.is_thing[objt]]
-        inter = intersection_areas(sam, h.masks[inst], max_side=self.vote_max_side).to(dev)
-        union = mask_areas(sam).to(dev)[:, None] + mask_areas(h.masks[inst]).to(dev)[None] - inter
+        inter = inter_all[:, inst]
+        union = sam_area[:, None] + hipie_area[inst][None] - inter
         best_iou = (
             (inter / union.clamp(min=1)).max(1).values if len(inst) else torch.zeros(S, device=dev)
         )
-        inside = (
-            assign_parents(sam, h.masks[inst]).to(dev)
-            if S
-            else torch.zeros(0, dtype=torch.long, device=dev)
-        )
-        levels, label_ids, scores = [], [], []
-        probs = torch.zeros(S, len(h.vocabulary), device=dev)
-        for i in range(S):
-            obj_label = int(v_obj.labels[i])
-            if best_iou[i] < 0.5 and inside[i] >= 0 and int(v_part.labels[i]) >= 0:
-                levels.append("part")
-                probs[i] = v_part.probs[i]
-                label_ids.append(int(v_part.labels[i]))
-                scores.append(float(v_part.scores[i]))
-            else:
-                thing = 0 <= obj_label < len(things)
-                levels.append("instance" if thing or obj_label < 0 else "stuff")
-                probs[i] = v_obj.probs[i]
-                label_ids.append(obj_label)
-                scores.append(float(v_obj.scores[i]))
+        inside = parents_from_intersections(inter, sam_area)
+        # a part: no instance match, inside an instance, and some part votes (else its object
+        # label decides: instance for things and for masks without votes, else stuff)
+        is_part = (best_iou < 0.5) & (inside >= 0) & (v_part.labels >= 0)
+        probs = torch.where(is_part[:, None], v_part.probs, v_obj.probs)
+        label_ids = torch.where(is_part, v_part.labels, v_obj.labels).tolist()
+        scores = torch.where(is_part, v_part.scores, v_obj.scores).tolist()
+        levels = [
+            "part" if part else "instance" if obj < len(things) else "stuff"
+            for part, obj in zip(is_part.tolist(), v_obj.labels.tolist())
+        ]
         parents = torch.full((S,), -1, dtype=torch.long, device=dev)
         part_i = [i for i, lv in enumerate(levels) if lv == "part"]
         inst_i = [i for i, lv in enumerate(levels) if lv == "instance" and label_ids[i] >= 0]
         if part_i and inst_i:
-            local = assign_parents(_subset(sam, part_i), _subset(sam, inst_i)).to(dev)
+            local = assign_parents(_subset(sam, part_i), _subset(sam, inst_i)).tolist()
             for j, i in enumerate(part_i):
                 if local[j] >= 0:
-                    parents[i] = inst_i[int(local[j])]
+                    parents[i] = inst_i[local[j]]
         self._restrict_parts_to_parent(
             h.vocabulary, things, part_i, parents, probs, label_ids, scores
         )
@@ -750,32 +710,25 @@ class HipiePredictor:
     def _follow_parents(
         part: Segments, parents: torch.Tensor, pan: Segments, things: Sequence[str]
     ) -> tuple[Segments, torch.Tensor]:
-        """Sec. 3.7 pairs each part with the instance holding it, so a part lying in an instance
-        labeled X is one of X's parts: a part labeled otherwise ("car body" in a bird) takes the
-        best of X's parts in its class distribution, which is restricted to them and
-        renormalized; its score is scaled by that class's share of the old class's probability
-        (the score the candidate would have had with that class). A part with no probability on
-        X's parts keeps its label and loses the parent. Returns (parts, parents), new objects."""
+        """HIPIE's own parts under their instances follow `hipie.hierarchy.restrict_to_parent_parts`
+        (a part in an instance labeled X is one of X's parts). Returns (parts, parents), new."""
+        from hipie.hierarchy import restrict_to_parent_parts
+
         rows = [i for i in range(len(part)) if int(parents[i]) >= 0]
         if not rows:
             return part, parents
         allowed = _parent_part_columns(
             part.vocabulary, things, [pan.labels[int(parents[i])] for i in rows], part.probs.device
         )
+        index = torch.tensor(rows, dtype=torch.long, device=part.probs.device)
+        sub_probs, sub_scores, sub_labels, keep = restrict_to_parent_parts(
+            part.probs[index], part.scores[index], part.label_ids[index], allowed
+        )
         probs, scores = part.probs.clone(), part.scores.clone()
-        label_ids, labels, parents = part.label_ids.clone(), list(part.labels), parents.clone()
-        for j, i in enumerate(rows):
-            old = int(label_ids[i])
-            if allowed[j, old]:
-                continue
-            restricted = torch.where(allowed[j], probs[i], torch.zeros_like(probs[i]))
-            if restricted.sum() <= 0:
-                parents[i] = -1
-                continue
-            new = int(restricted.argmax())
-            scores[i] = scores[i] * probs[i, new] / probs[i, old].clamp(min=1e-12)
-            probs[i] = restricted / restricted.sum()
-            label_ids[i], labels[i] = new, part.vocabulary[new]
+        label_ids, parents = part.label_ids.clone(), parents.clone()
+        probs[index], scores[index], label_ids[index] = sub_probs, sub_scores, sub_labels
+        parents[index[~keep]] = -1
+        labels = [part.vocabulary[int(k)] if k >= 0 else "" for k in label_ids.tolist()]
         part = dataclasses.replace(
             part, labels=labels, label_ids=label_ids, scores=scores, probs=probs
         )
@@ -791,25 +744,33 @@ class HipiePredictor:
         label_ids: list[int],
         scores: list[float],
     ) -> None:
-        """A part lying in an instance labeled X can only be one of X's parts ("X head", ...):
-        its Eq. 5 distribution is restricted to those labels and renormalized (Sec. 3.7 pairs
-        each part with the instance it lies in). A part whose vote has no mass on X's parts
-        keeps its vote and loses the parent (no "car body" under a bird). Updates `probs`,
-        `label_ids`, `scores` and `parents` in place."""
-        rows = [i for i in part_i if int(parents[i]) >= 0 and label_ids[int(parents[i])] >= 0]
+        """SAM parts' Eq. 5 votes under their instances follow the same rule as HIPIE's parts,
+        `hipie.hierarchy.restrict_to_parent_parts`. Updates `probs`, `label_ids`, `scores` and
+        `parents` in place."""
+        from hipie.hierarchy import restrict_to_parent_parts
+
+        par = parents.tolist()  # all rows at once: one device sync, not one per part
+        rows = [i for i in part_i if par[i] >= 0 and label_ids[par[i]] >= 0]
         if not rows:
             return
-        parent_things = [vocabulary[label_ids[int(parents[i])]] for i in rows]
+        parent_things = [vocabulary[label_ids[par[i]]] for i in rows]
         allowed = _parent_part_columns(vocabulary, things, parent_things, probs.device)
-        for j, i in enumerate(rows):
-            restricted = torch.where(allowed[j], probs[i], torch.zeros_like(probs[i]))
-            total = restricted.sum()
-            if total <= 0:
+        index = torch.tensor(rows, dtype=torch.long, device=probs.device)
+        old_scores = torch.tensor([scores[i] for i in rows], dtype=probs.dtype, device=probs.device)
+        old_labels = torch.tensor(
+            [label_ids[i] for i in rows], dtype=torch.long, device=probs.device
+        )
+        new_probs, new_scores, new_labels, keep = restrict_to_parent_parts(
+            probs[index], old_scores, old_labels, allowed
+        )
+        probs[index] = new_probs
+        for i, kept, label, score in zip(
+            rows, keep.tolist(), new_labels.tolist(), new_scores.tolist()
+        ):
+            if not kept:
                 parents[i] = -1
                 continue
-            probs[i] = restricted / total
-            label_ids[i] = int(probs[i].argmax())
-            scores[i] = float(probs[i].max())
+            label_ids[i], scores[i] = label, score
 
     def _nest_subparts(
         self, sam, part_i: list[int], levels: list[str], parents: torch.Tensor
@@ -829,10 +790,10 @@ class HipiePredictor:
         larger = areas[None, :] > areas[:, None]
         frac = torch.where(same_instance & larger, frac, torch.zeros_like(frac))
         best, idx = frac.max(1)
-        for j, i in enumerate(part_i):
-            if best[j] >= SUBPART_FRACTION:
-                levels[i] = "subpart"
-                parents[i] = part_i[int(idx[j])]
+        for j, (fraction, k) in enumerate(zip(best.tolist(), idx.tolist())):
+            if fraction >= SUBPART_FRACTION:
+                levels[part_i[j]] = "subpart"
+                parents[part_i[j]] = part_i[k]
 
     def vote(
         self,

@@ -84,3 +84,57 @@ def load_release_checkpoint(path: str | Path) -> HipieRelease:
 def parameter_count(model: torch.nn.Module) -> int:
     """Unique parameters (shared modules counted once), as the release's 197.69 M / 805.25 M."""
     return sum(p.numel() for p in model.parameters())
+
+
+# ------------------------------------------------------------------------------ our format
+RELEASE_FORMAT = "hipie-release"
+
+
+def save_release_folder(model: HipieRelease, out_dir: str | Path, *, source: str = "") -> Path:
+    """Write a `HipieRelease` as our checkpoint: `model.safetensors` + `config.json`.
+
+    Shared modules (the release's aliased heads) are stored once (safetensors' `save_model`);
+    config.json names the preset, so loading builds that architecture and needs no download.
+    """
+    import json
+
+    from safetensors.torch import save_model
+
+    settings = getattr(model, "settings", None)
+    if settings is None:
+        raise ValueError("only the release presets (r50, vit_h) can be saved this way")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = {"format": RELEASE_FORMAT, "preset": settings.name, "converted_from": source}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out
+
+
+def is_release_folder(path: str | Path) -> bool:
+    """True for a folder written by `save_release_folder`."""
+    import json
+
+    cfg = Path(path) / "config.json"
+    try:
+        return cfg.is_file() and json.loads(cfg.read_text()).get("format") == RELEASE_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def load_release_folder(path: str | Path) -> HipieRelease:
+    """A folder written by `save_release_folder` (safetensors only, strict)."""
+    import json
+
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    model = release_model(config["preset"], text=RANDOM)
+    missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path} does not fit the {config['preset']} release preset: "
+            f"missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}"
+        )
+    return model.eval()

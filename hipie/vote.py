@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
+from hipie import rle_torch
+
 __all__ = [
     "MaskSet",
     "ReplaceResult",
@@ -38,6 +40,7 @@ __all__ = [
     "mask_areas",
     "replace_with_hipie",
     "vote",
+    "vote_from_intersections",
 ]
 
 # A set of N masks: dense `(N, H, W) bool`, or a list of N COCO RLE dicts.
@@ -132,8 +135,7 @@ def vote(
     Returns:
         `VoteResult` with tensors on ``hipie_probs``' device.
     """
-    num_sam = len(sam_masks)
-    num_hipie, num_classes = hipie_probs.shape
+    num_hipie = hipie_probs.shape[0]
     if len(hipie_masks) != num_hipie:
         raise ValueError(f"{len(hipie_masks)} HIPIE masks but {num_hipie} probability rows")
     device = hipie_probs.device
@@ -144,6 +146,31 @@ def vote(
     else:
         inter, covered, areas = _rle_vote_areas(_as_rles(sam_masks), _as_rles(hipie_masks))
     inter, covered, areas = inter.to(device), covered.to(device), areas.to(device)
+    return vote_from_intersections(inter, probs_k, areas, covered=covered)
+
+
+def vote_from_intersections(
+    inter: torch.Tensor,
+    hipie_probs: torch.Tensor,
+    sam_areas: torch.Tensor,
+    *,
+    covered: torch.Tensor | None = None,
+) -> VoteResult:
+    """Eq. 5 from intersection areas that are already computed.
+
+    Args:
+        inter: ``(S, K)`` areas ``|S_i ∩ M_k|``.
+        hipie_probs: ``(K, C)`` class probabilities of the HIPIE masks.
+        sam_areas: ``(S,)`` SAM mask areas.
+        covered: ``(S,)`` ``|S_i ∩ ∪_k M_k|``; default ``Σ_k |S_i ∩ M_k|``, which is exact for
+            disjoint HIPIE masks (panoptic segments) and an upper bound otherwise.
+
+    Returns:
+        `VoteResult` on ``inter``'s device.
+    """
+    device = inter.device
+    num_sam, num_classes = inter.shape[0], hipie_probs.shape[1]
+    probs_k = hipie_probs.to(device, torch.float32)
     weighted = inter @ probs_k  # (S, C) = Σ_k |M_k ∩ S_i| · P(M_k, ·)
     total = weighted.sum(dim=1, keepdim=True)  # (S, 1)
     has_vote = total[:, 0] > 0
@@ -152,7 +179,10 @@ def vote(
     labels = torch.where(has_vote, labels, torch.full_like(labels, -1))
     scores = torch.where(has_vote, scores, 0.0)
 
+    if covered is None:
+        covered = inter.sum(dim=1)
     # The downsampled estimate of `covered` never exceeds the area (c_union <= f² in every cell).
+    areas = sam_areas.to(device)
     coverage = torch.where(areas > 0, covered / areas.clamp_min(1.0), 0.0).clamp(0.0, 1.0)
     return VoteResult(probs=probs, labels=labels, scores=scores, coverage=coverage)
 
@@ -443,8 +473,8 @@ def _as_rles(masks: MaskSet) -> list[dict]:
     if isinstance(masks, torch.Tensor):
         if masks.shape[0] == 0:
             return []
-        array = np.asfortranarray(masks.detach().to("cpu", torch.uint8).permute(1, 2, 0).numpy())
-        return mask_utils.encode(array)  # (H, W, N) Fortran order -> N RLEs
+        encoded = rle_torch.encode(masks.detach().bool())  # no column-major copy
+        return [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in encoded.rles]
     rles = []
     for rle in masks:
         counts = rle["counts"]

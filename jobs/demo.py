@@ -70,7 +70,7 @@ def coco_sample_rows(sample: Path) -> tuple[list[dict], dict]:
 def make_collection(root: Path, *, num_scenes: int = 8, seed: int = 7) -> list[str]:
     """A small collection: synthetic SA-1B-format shards (with class-agnostic masks) and a folder
     holding the COCO sample's two photos. Returns the ``--input`` URIs."""
-    from hipie.training.synthetic import SceneGenerator, write_sa1b_shard
+    from hipie.synthetic.generator import SceneGenerator, write_sa1b_shard
 
     generator = SceneGenerator(seed=seed)
     shards = root / "sa1b"

@@ -4,10 +4,11 @@ Examples:
   # a folder of photos, on a local Ray cluster started for this run, shipped tiny model:
   python -m jobs.label --input photos/ --output labels/
 
-  # SA-1B tar shards (their own SAM masks are used), on an existing cluster, 8 GPU actors:
-  ray job submit --working-dir . -- python -m jobs.label \\
-      --input s3://bucket/sa1b/ --output s3://bucket/labels/ --checkpoint /ckpt/hipie-r50 \\
-      --actors 8 --gpus-per-actor 1 --batch-size 8
+  # SA-1B tar shards (their own SAM masks are used), on an existing cluster, 8 GPU actors (the
+  # README's "Ray job submission": start Ray inside the project's environment; the token):
+  RAY_AUTH_MODE=token ray job submit --address http://head:8265 --working-dir . -- \\
+      python -m jobs.label --input s3://bucket/sa1b/ --output /shared/labels/ \\
+      --checkpoint /ckpt/hipie-r50 --actors 8 --gpus-per-actor 1 --batch-size 8
 
 Each input shard (a tar file, or a group of --shard-size folder/manifest images) becomes one Parquet
 file in --output; a rerun skips shards already written (use --overwrite to relabel). Every image
@@ -21,13 +22,18 @@ import json
 import os
 import sys
 
+from jobs import _cli
+from jobs._cli import UsageError
+from pipeline import sources
 from pipeline.job import LabelJobConfig, run_label_job
-from pipeline.vocabulary import Vocabulary, load_vocabulary
+from pipeline.vocabulary import Vocabulary, VocabularyError, load_vocabulary
+
+PROG = "python -m jobs.label"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.label",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -40,7 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="image folder, SA-1B .tar shard (or folder of them), or manifest (.parquet/.csv with a "
         "'uri' column); local path or s3://, gs://, file:// URI; repeat for several",
     )
-    io.add_argument("--output", required=True, metavar="DIR", help="folder for the Parquet files")
+    io.add_argument(
+        "--output",
+        required=True,
+        metavar="DIR|URI",
+        help="folder or URI (s3://, gs://, hdfs://) for the Parquet files; the workers write "
+        "there directly",
+    )
     io.add_argument(
         "--overwrite", action="store_true", help="relabel shards that already have output"
     )
@@ -126,14 +138,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def vocabulary_from_args(args: argparse.Namespace) -> Vocabulary:
-    """--vocabulary FILE, or --things/--stuff/--parts lists, or the shipped default."""
-    if args.things or args.stuff or args.parts:
-        if args.vocabulary:
-            raise SystemExit("give either --vocabulary or --things/--stuff/--parts, not both")
-        return Vocabulary.from_lists(
-            things=args.things or (), stuff=args.stuff or (), parts=args.parts or ()
-        )
-    return load_vocabulary(args.vocabulary)
+    """--vocabulary FILE, or --things/--stuff/--parts lists, or the shipped default.
+
+    Raises:
+        UsageError: both forms given, or the file is missing or malformed.
+    """
+    try:
+        if args.things or args.stuff or args.parts:
+            if args.vocabulary:
+                raise UsageError("give either --vocabulary or --things/--stuff/--parts, not both")
+            return Vocabulary.from_lists(
+                things=args.things or (), stuff=args.stuff or (), parts=args.parts or ()
+            )
+        return load_vocabulary(args.vocabulary)
+    except (VocabularyError, ValueError) as e:
+        raise UsageError(f"vocabulary: {_cli.one_line(e)}") from None
+    except OSError as e:  # FileNotFoundError and other file system errors
+        raise UsageError(f"--vocabulary {args.vocabulary}: {_cli.one_line(e)}") from None
+
+
+def check_args(args: argparse.Namespace) -> Vocabulary:
+    """Everything a user can get wrong, checked before Ray starts; returns the vocabulary.
+
+    Raises:
+        UsageError: an input that does not exist or has an unsupported type, a bad vocabulary,
+            a checkpoint that is not one, a SAM checkpoint file that does not exist.
+    """
+    for uri in args.input:
+        try:
+            sources.check_input(uri)
+        except (OSError, ValueError, ImportError) as e:  # ImportError: no fsspec driver (s3fs)
+            raise UsageError(f"--input {uri}: {_cli.one_line(e)}") from None
+    vocabulary = vocabulary_from_args(args)
+    _cli.checkpoint(args.checkpoint, "--checkpoint")
+    if args.sam_checkpoint:
+        _cli.existing_file(args.sam_checkpoint, "--sam-checkpoint")
+    for name in ("batch_size", "actors", "shard_size"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    return vocabulary
 
 
 def init_ray(address: str | None, num_cpus: int | None = None):
@@ -149,9 +192,17 @@ def init_ray(address: str | None, num_cpus: int | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a mistake on the command line exits with status 2 and one line on stderr."""
+    return _cli.run(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    vocabulary = vocabulary_from_args(args)
+    vocabulary = check_args(args)
     ray = init_ray(args.address, args.num_cpus)
+    # Which interpreter runs the job (with `ray job submit`: the first `python` on the PATH of
+    # the head node's `ray start`, or of the job's runtime_env): see the README.
+    print(f"jobs.label: python {sys.executable}, ray {ray.__version__}", flush=True)
     gpus = args.gpus_per_actor
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
@@ -174,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = run_label_job(config, progress=not args.no_progress)
     print(json.dumps(summary.to_dict(), indent=2))
+    if summary.skipped:
+        counts = ", ".join(f"{reason}: {n}" for reason, n in sorted(summary.skipped.items()))
+        print(f"input files skipped ({counts}); see _summary.json for examples", flush=True)
     print(f"labels in {args.output}")
     return 0
 

@@ -6,7 +6,10 @@
 The dataset is persistent, on FiftyOne's bundled MongoDB unless ``--database-uri`` names another
 (FiftyOne's ``database_uri``). ``--launch`` serves the App on ``address:port`` (localhost by
 default: reach it from a laptop with ``ssh -N -L PORT:localhost:PORT user@host``) and blocks until
-interrupted. The logic lives in ``pipeline.fiftyone_io``.
+interrupted. Without ``--labels``, the command refreshes an existing dataset after review edits
+(``pipeline.fiftyone_app.refresh_review``): parts' ``instance_label`` follows their instance's
+current label, margins, colours for renamed classes, saved views; for the ingest's fields and each
+``apply_model`` run's. The logic lives in ``pipeline.fiftyone_io`` and ``pipeline.fiftyone_app``.
 """
 
 from __future__ import annotations
@@ -15,11 +18,14 @@ import argparse
 import os
 import sys
 
+from jobs import _cli
+from jobs._cli import UsageError
+
+PROG = "python -m jobs.review"
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m jobs.review", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--labels", help="label Parquet file or folder to ingest (optional)")
     parser.add_argument("--dataset", required=True, help="FiftyOne dataset name")
     parser.add_argument("--media-dir", help="where tar/remote images go (default <labels>/media)")
@@ -36,11 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a mistake on the command line exits with status 2 and one line on stderr."""
+    return _cli.run(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
+    if args.labels:
+        _cli.label_files(args.labels)  # before FiftyOne starts its database
     if args.database_uri:
         # FiftyOne reads its config on import: set the URI before importing it.
         if "fiftyone" in sys.modules:
-            raise SystemExit("--database-uri must be given before FiftyOne is imported")
+            raise UsageError("--database-uri must be given before FiftyOne is imported")
         os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
     import fiftyone as fo
 
@@ -56,13 +69,22 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"dataset {dataset.name!r}: {len(dataset)} samples; this ingest added {result.added}, "
             f"unchanged {result.unchanged}, replaced {result.replaced}, "
-            f"new versions {result.versioned}, error rows {result.errors}",
+            f"new versions {result.versioned}, error rows {result.errors}, "
+            f"unreadable images {result.media_errors} (tag {fiftyone_io.MEDIA_ERROR_TAG!r})",
             flush=True,
         )
     elif fo.dataset_exists(args.dataset):
+        from pipeline.fiftyone_app import refresh_review
+
         dataset = fo.load_dataset(args.dataset)
+        views = refresh_review(dataset)  # after edits: instance_label, margins, colours, views
+        print(
+            f"dataset {dataset.name!r}: {len(dataset)} samples; refreshed instance_label, "
+            f"margins, colours and the saved views {sorted(views)}",
+            flush=True,
+        )
     else:
-        raise SystemExit(f"dataset {args.dataset!r} does not exist; give --labels to create it")
+        raise UsageError(f"dataset {args.dataset!r} does not exist; give --labels to create it")
     if not args.launch:
         return 0
     session = fo.launch_app(dataset, address=args.address, port=args.port, auto=False, remote=True)

@@ -4,6 +4,9 @@ Examples:
   # the samples tagged "reviewed" in a FiftyOne dataset, 2 CPU workers on a local cluster:
   python -m jobs.train --dataset my-review --init tiny --output runs/ft1 --workers 2
 
+  # the labels that dataset.apply_model(HipieModel(...), label_field="hipie") wrote, all samples:
+  python -m jobs.train --dataset my-photos --label-field hipie --tag '' --output runs/ft1
+
   # an export (jobs.export --format parquet) on a GPU cluster, one worker per GPU; the output
   # and Ray Train storage on a file system all nodes share:
   ray job submit --working-dir . -- python -m jobs.train --labels /shared/export/ \\
@@ -25,6 +28,8 @@ import json
 import os
 import sys
 
+from jobs import _cli
+from jobs._cli import UsageError
 from pipeline.finetune import FinetuneConfig, run_finetune
 from pipeline.finetune_data import (
     TrainingSet,
@@ -33,10 +38,12 @@ from pipeline.finetune_data import (
     training_set_from_labels,
 )
 
+PROG = "python -m jobs.train"
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m jobs.train",
+        prog=PROG,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -49,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag",
         default="reviewed",
         help="with --dataset: train on samples with this tag; '' for all (default: reviewed)",
+    )
+    data.add_argument(
+        "--label-field",
+        metavar="PREFIX",
+        help="with --dataset: the label_field given to apply_model (default: the ingest's "
+        "fields if any, else the one apply_model run)",
     )
     data.add_argument("--images", metavar="DIR", help="with --coco: the image folder")
     data.add_argument(
@@ -110,25 +123,59 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """Everything a user can get wrong that can be checked before FiftyOne or Ray start.
+
+    Raises:
+        UsageError: missing label files, COCO JSON or image folder; an --init that is no model.
+    """
+    if args.labels:
+        _cli.label_files(args.labels)
+    if args.coco:
+        _cli.json_file(args.coco, "--coco")
+        if not args.images:
+            raise UsageError("--coco needs --images DIR")
+        _cli.existing_folder(args.images, "--images")
+    _cli.checkpoint(args.init, "--init", shipped_may_be_missing=True)
+    for name in ("steps", "batch_size", "workers"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+
+
 def training_set_from_args(args: argparse.Namespace) -> TrainingSet:
     if args.dataset:
         if args.database_uri:
             if "fiftyone" in sys.modules:
-                raise SystemExit("--database-uri must be given before FiftyOne is imported")
+                raise UsageError("--database-uri must be given before FiftyOne is imported")
             os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
-        return training_set_from_dataset(args.dataset, tag=args.tag or None)
+        import fiftyone as fo
+
+        if not fo.dataset_exists(args.dataset):
+            raise UsageError(f"dataset {args.dataset!r} does not exist")
+        try:
+            return training_set_from_dataset(
+                args.dataset, tag=args.tag or None, label_field=args.label_field
+            )
+        except ValueError as exc:
+            raise UsageError(f"--dataset {args.dataset}: {exc}") from None
     if args.labels:
         return training_set_from_labels(args.labels)
-    if not args.images:
-        raise SystemExit("--coco needs --images DIR")
     return training_set_from_coco(args.coco, args.images)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command; a mistake on the command line exits with status 2 and one line on stderr."""
+    return _cli.run(PROG, _main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     from jobs.label import init_ray
 
     args = build_parser().parse_args(argv)
+    check_args(args)
     training_set = training_set_from_args(args)
+    if not len(training_set):
+        raise UsageError("no training images: no ok row with a usable mask in the given data")
     print(
         f"{len(training_set)} training images; things {list(training_set.things)}, "
         f"stuff {list(training_set.stuff)}, {len(training_set.parts)} part classes"

@@ -79,7 +79,49 @@ class SamMask:
 
 
 def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode an image file's bytes to RGB.
+    """Decode an image file's bytes to RGB at its full size (see `decode_image_for_model`)."""
+    return decode_image_for_model(data, max_pixels=max_pixels)[0]
+
+
+def model_input_size(height: int, width: int, max_side: int | None) -> tuple[int, int]:
+    """The size an image is resized to when its longer side exceeds ``max_side`` (the model's
+    test size), rounded as `hipie.HipiePredictor` does; its own size otherwise."""
+    if max_side is None or max(height, width) <= max_side:
+        return height, width
+    scale = max_side / max(height, width)
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def resize_to_model(rgb: np.ndarray, max_side: int | None) -> np.ndarray:
+    """``rgb`` (H, W, 3) uint8 resized (bilinear, antialiased) so that its longer side is at most
+    ``max_side``; the array itself when it already is."""
+    return _resize(rgb, model_input_size(rgb.shape[0], rgb.shape[1], max_side))
+
+
+def _resize(rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    if rgb.shape[:2] == tuple(size):
+        return rgb
+    resized = Image.fromarray(rgb).resize((size[1], size[0]), Image.BILINEAR)
+    return np.asarray(resized, dtype=np.uint8)
+
+
+def decode_image_for_model(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, max_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """Decode an image file's bytes to RGB, at most ``max_side`` pixels on its longer side.
+
+    The labeler's model runs at its test size: resizing here, in the decode task, keeps
+    full-resolution arrays off the wire. JPEGs are decoded at a reduced DCT scale (1/2, 1/4 or
+    1/8, never below the target size) and then resized, which is several times faster than a full
+    decode.
+
+    Args:
+        data: the encoded file (JPEG, PNG, WebP, BMP, TIFF, GIF; first frame of multi-frame ones).
+        max_pixels: refuse images whose declared width * height exceeds this.
+        max_side: resize so that the longer side is at most this (None: full size).
+    Returns:
+        ``(rgb, (height, width))``: (h, w, 3) uint8 RGB and the image's own size (after EXIF
+        orientation), which the labels refer to.
 
     Args:
         data: the encoded file (JPEG, PNG, WebP, BMP, TIFF, GIF; first frame of multi-frame ones).
@@ -119,18 +161,29 @@ def decode_image(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.nda
                 f"image too large: {width}x{height} = {width * height} pixels exceeds "
                 f"max_pixels={max_pixels} (possible decompression bomb)"
             )
+        if max_side is not None and max(width, height) > max_side and im.format in ("JPEG", "MPO"):
+            scale = max_side / max(width, height)
+            im.draft(None, (max(1, int(width * scale)), max(1, int(height * scale))))
         try:
             im.load()
         except Exception as e:
             raise ImageDecodeError(_failure_reason(f"{im.format} data", e)) from None
+        drafted, drafted_swaps = None, False
+        if im.size != (width, height):
+            drafted, drafted_swaps = im.size, _swaps_sides(im)
         im = _apply_orientation(im)
+        if drafted is not None:  # the full size, turned as the pixels were
+            turned = im.size != drafted or (drafted[0] == drafted[1] and drafted_swaps)
+            width, height = (height, width) if turned else (width, height)
+        else:
+            width, height = im.size
         try:
             rgb = _to_rgb(im)
         except Exception as e:
             raise ImageDecodeError(f"cannot convert {im.mode} image to RGB: {e}") from None
     if rgb.shape != (im.height, im.width, 3) or rgb.dtype != np.uint8:
         raise ImageDecodeError(f"unexpected decoded shape {rgb.shape} {rgb.dtype}")
-    return rgb
+    return _resize(rgb, model_input_size(height, width, max_side)), (height, width)
 
 
 def _failure_reason(what: str, e: Exception) -> str:
@@ -147,6 +200,14 @@ def _apply_orientation(im: Image.Image) -> Image.Image:
     except Exception:  # a corrupt EXIF block: viewers cannot rotate it either
         return im
     return rotated if rotated is not None else im
+
+
+def _swaps_sides(im: Image.Image) -> bool:
+    """Whether the image's EXIF orientation (read before it is applied) swaps width and height."""
+    try:
+        return im.getexif().get(0x0112) in (5, 6, 7, 8)
+    except Exception:  # a corrupt EXIF block is not applied either
+        return False
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
@@ -422,3 +483,48 @@ def _optional_float(ann: Mapping[str, Any], key: str, i: int) -> float | None:
 
 def _coco(rle: dict) -> dict:
     return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
+
+
+# ---------------------------------------------------------------------------------------------
+# SAM masks between the decode task and the labeler
+
+_SAM_META_COLUMNS = 7  # x, y, w, h, area, predicted_iou, stability_score
+
+
+def pack_sam_masks(masks: Sequence[SamMask]) -> tuple[str, bytes]:
+    """SAM masks as (their RLE counts strings, one per line; the bytes of an (N, 7) float64
+    array of box, area, predicted IoU and stability score, NaN for a missing score)."""
+    counts = "\n".join(m.rle["counts"] for m in masks)
+    meta = np.array(
+        [[*m.bbox, m.area, _nan(m.predicted_iou), _nan(m.stability_score)] for m in masks],
+        dtype=np.float64,
+    ).reshape(len(masks), _SAM_META_COLUMNS)
+    return counts, meta.tobytes()
+
+
+def unpack_sam_masks(counts: str, meta: bytes, height: int, width: int) -> list[dict] | None:
+    """`pack_sam_masks`' output back as records (``rle``, ``bbox``, ``area``, ``predicted_iou``,
+    ``stability_score``) of an image of ``height`` x ``width``; None when there are none."""
+    if not counts:
+        return None
+    lines = str(counts).split("\n")
+    # A fixed-width numpy bytes array (as a batch may hold them) drops trailing zero bytes.
+    meta = bytes(meta).ljust(len(lines) * _SAM_META_COLUMNS * 8, b"\0")
+    values = np.frombuffer(meta, dtype=np.float64).reshape(-1, _SAM_META_COLUMNS).tolist()
+    if len(lines) != len(values):
+        raise ValueError(f"{len(lines)} SAM RLEs but {len(values)} rows of SAM mask values")
+    size = [int(height), int(width)]
+    return [
+        {
+            "rle": {"size": size, "counts": c},
+            "bbox": v[:4],
+            "area": int(v[4]),
+            "predicted_iou": None if v[5] != v[5] else v[5],
+            "stability_score": None if v[6] != v[6] else v[6],
+        }
+        for c, v in zip(lines, values)
+    ]
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)

@@ -1,7 +1,7 @@
 """Export schema-v1 label rows to training sets: COCO instances, COCO panoptic, Parquet.
 
 The rows come from label Parquet files (``rows_from_labels``) or from a reviewed FiftyOne dataset
-(``pipeline.fiftyone_io.read_rows``, which returns the reviewers' current values). This module does
+(``pipeline.fiftyone_read.read_rows``, which returns the reviewers' current values). This module does
 not import FiftyOne.
 
 Categories (COCO and COCO panoptic):
@@ -45,6 +45,7 @@ from PIL import Image
 
 import schemas
 from schemas import rle as rle_utils
+from schemas.panoptic import id_to_rgb
 
 FORMATS = ("coco", "coco-panoptic", "parquet")
 _LEVEL_RANK = {"stuff": 0, "instance": 1, "part": 2, "subpart": 3}
@@ -62,14 +63,18 @@ class ExportResult:
 
 # --------------------------------------------------------------------------- inputs
 def label_files(labels: str | os.PathLike) -> list[Path]:
-    """The label Parquet files under a folder (or the file itself), sorted, temp files skipped."""
+    """The label Parquet files under a folder (or the file itself), sorted; temporary files and
+    anything under a folder named "_..." or "..." (the labeling job's ``_parts/`` of shards not
+    yet committed) are skipped."""
     root = Path(labels)
     if root.is_file():
         return [root]
     files = sorted(
         p
         for p in root.rglob("*.parquet")
-        if not p.name.startswith(".") and not p.name.endswith(".reviewed.parquet")
+        if not p.name.startswith(".")
+        and not p.name.endswith(".reviewed.parquet")
+        and not any(d.startswith(("_", ".")) for d in p.relative_to(root).parts[:-1])
     )
     if not files:
         raise FileNotFoundError(f"no .parquet label files under {root}")
@@ -234,11 +239,6 @@ def export_coco(
 
 
 # --------------------------------------------------------------------------- COCO panoptic
-def _id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """(H, W) segment ids -> (H, W, 3) uint8 colours, id = R + 256 G + 256^2 B."""
-    return np.stack([ids % 256, (ids // 256) % 256, ids // 65536], axis=-1).astype(np.uint8)
-
-
 def export_coco_panoptic(
     rows: Sequence[dict],
     output_dir: str | os.PathLike,
@@ -287,7 +287,7 @@ def export_coco_panoptic(
                 }
             )
         png_name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{image_id}.png")
-        Image.fromarray(_id_to_rgb(ids)).save(png_dir / png_name)
+        Image.fromarray(id_to_rgb(ids)).save(png_dir / png_name)
         images.append(_image_entry(row, image_id))
         annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments})
         num_segments += len(segments)

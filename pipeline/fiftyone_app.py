@@ -10,14 +10,23 @@ so ``jobs.review``) and after ``dataset.apply_model(HipieModel(...))``. It
 - sets the dataset's App colour scheme to colour by label value, with a colour per class that is
   distinct among the classes present (hues spread by the golden angle) and kept across ingests,
   the same in every level field, so classes differ at a glance;
-- saves the views ``needs review`` (not reviewed, not errors, lowest ``min_margin`` first),
-  ``errors`` (tag ``label-error``) and ``reviewed`` (tag ``reviewed``). For ``apply_model``
-  fields the names carry the prefix: ``hipie: needs review``.
+- refreshes ``instance_label`` on parts and subparts from their instance's current label
+  (``refresh_instance_labels``, following ``parent_id``), so a reviewer's rename of an instance
+  reaches its parts in the sidebar filters;
+- saves the views ``needs review`` (not reviewed, no label or media error, lowest ``min_margin``
+  first), ``errors`` (tag ``label-error`` or ``media-error``) and ``reviewed`` (tag
+  ``reviewed``). For ``apply_model`` fields the names carry the prefix: ``hipie: needs review``.
+
+``refresh_review(dataset)`` runs ``setup_review`` for every label field of a dataset (the
+ingest's and each ``apply_model`` run's); ``jobs.review --dataset NAME`` without ``--labels``
+runs it.
 """
 
 from __future__ import annotations
 
 import colorsys
+import re
+from itertools import zip_longest
 
 import fiftyone as fo
 from fiftyone import ViewField as F
@@ -25,6 +34,7 @@ from fiftyone import ViewField as F
 LEVEL_NAMES = ("instances", "stuff", "parts", "subparts")  # the level fields, without prefix
 REVIEWED_TAG = "reviewed"
 ERROR_TAG = "label-error"
+MEDIA_ERROR_TAG = "media-error"  # as pipeline.fiftyone_io tags samples whose image is unreadable
 MARGIN_FIELD = "min_margin"
 VIEW_NAMES = ("needs review", "errors", "reviewed")
 
@@ -135,12 +145,15 @@ def save_review_views(dataset: fo.Dataset, prefix: str = "") -> dict[str, str]:
     margin = f"{prefix}{MARGIN_FIELD}"
     views = {
         "needs review": (
-            dataset.match_tags([REVIEWED_TAG, ERROR_TAG], bool=False)
+            dataset.match_tags([REVIEWED_TAG, ERROR_TAG, MEDIA_ERROR_TAG], bool=False)
             .exists(margin)
             .sort_by(margin),
             "not reviewed yet, least certain mask (top-1 minus top-2 score) first",
         ),
-        "errors": (dataset.match_tags(ERROR_TAG), "images the labeler could not process"),
+        "errors": (
+            dataset.match_tags([ERROR_TAG, MEDIA_ERROR_TAG]),
+            "images the labeler could not process or that cannot be shown",
+        ),
         "reviewed": (dataset.match_tags(REVIEWED_TAG), "samples tagged reviewed"),
     }
     out = {}
@@ -161,5 +174,72 @@ def setup_review(
     """Margins (for ``samples``, default all), colour scheme and saved views of the level fields
     ``<prefix>instances`` ...; returns the saved views {name: slug}."""
     store_min_margin(dataset if samples is None else samples, prefix)
+    for suffix in version_suffixes(dataset, prefix):
+        refresh_instance_labels(dataset if samples is None else samples, prefix, suffix)
     set_color_scheme(dataset, level_fields(dataset, prefix), vocabulary)
     return save_review_views(dataset, prefix)
+
+
+def version_suffixes(dataset: fo.Dataset, prefix: str = "") -> list[str]:
+    """The label versions' field suffixes (``""``, ``"_v2"``, ...) present for ``prefix``."""
+    schema = dataset.get_field_schema()
+    head = f"{prefix}instances"
+    found = [name[len(head) :] for name in schema if name.startswith(head)]
+    return sorted(s for s in found if s == "" or re.fullmatch(r"_v\d+", s))
+
+
+def refresh_instance_labels(collection, prefix: str = "", suffix: str = "") -> int:
+    """Set ``instance_label`` on the parts and subparts of ``collection`` to the current label of
+    the instance above them (following ``parent_id``: part -> instance, subpart -> part ->
+    instance); None when that instance is gone. Bulk reads and writes; returns how many values
+    changed."""
+    schema = collection.get_field_schema()
+    inst, parts, subs = (f"{prefix}{n}{suffix}" for n in ("instances", "parts", "subparts"))
+    if inst not in schema or parts not in schema:
+        return 0
+    has_subs = subs in schema
+    paths = [f"{inst}.detections.id", f"{inst}.detections.label"]
+    paths += [f"{parts}.detections.{a}" for a in ("id", "parent_id", "instance_label")]
+    if has_subs:
+        paths += [f"{subs}.detections.{a}" for a in ("parent_id", "instance_label")]
+    columns = collection.values(paths)
+    ids = collection.values("id")
+    part_values, sub_values, changed = {}, {}, 0
+    for s, sample_id in enumerate(ids):
+        labels = dict(zip(columns[0][s] or [], columns[1][s] or []))
+        part_ids, part_parents, old = (columns[k][s] or [] for k in (2, 3, 4))
+        new = [labels.get(p) for p in part_parents]
+        of_part = dict(zip(part_ids, new))
+        if new != list(old):
+            part_values[sample_id] = new
+            changed += sum(a != b for a, b in zip_longest(new, old))
+        if has_subs and columns[5][s]:
+            new_sub = [of_part.get(p, labels.get(p)) for p in columns[5][s]]
+            old_sub = list(columns[6][s] or [])
+            if new_sub != old_sub:
+                sub_values[sample_id] = new_sub
+                changed += sum(a != b for a, b in zip_longest(new_sub, old_sub))
+    dataset = collection._dataset
+    if part_values:
+        dataset.set_values(f"{parts}.detections.instance_label", part_values, key_field="id")
+    if sub_values:
+        dataset.set_values(f"{subs}.detections.instance_label", sub_values, key_field="id")
+    return changed
+
+
+def refresh_review(dataset: fo.Dataset) -> dict[str, str]:
+    """``setup_review`` for every label field of ``dataset`` (ingested and ``apply_model``),
+    after reviewers' edits: margins, ``instance_label``, colours (renamed classes get one), saved
+    views. Returns the saved views {name: slug}."""
+    from pipeline.fiftyone_read import label_prefixes
+
+    classes = [
+        c
+        for v in dataset.info.get("vocabularies", {}).values()
+        for k in ("things", "stuff", "parts")
+        for c in v.get(k, [])
+    ]
+    views: dict[str, str] = {}
+    for prefix in label_prefixes(dataset):
+        views.update(setup_review(dataset, prefix=prefix, vocabulary=classes))
+    return views

@@ -2,9 +2,9 @@
 
 Layout of one sample (one image, keyed by ``image_id``):
 
-- ``filepath``: a local image file. Plain paths are kept; ``file://`` is stripped; SA-1B members
-  ``tar://<tar path>#<member>`` are extracted (that member only) into ``media_dir``; other remote
-  URIs are copied there with fsspec. ``uri`` keeps the original URI, ``shard`` the input shard.
+- ``filepath``: a local image file (``pipeline.review_media``). Plain paths are kept; ``file://``
+  is stripped; SA-1B members ``tar://<tar path>#<member>`` are extracted (that member only) into
+  ``media_dir``; other remote URIs are copied there with fsspec. ``uri`` keeps the original URI, ``shard`` the input shard.
 - ``instances``, ``parts``, ``subparts``, ``stuff``: ``fo.Detections``, one per mask level. Each
   ``fo.Detection`` follows FiftyOne's convention: ``bounding_box`` is ``[x, y, w, h]`` relative to
   the image in [0, 1] and ``mask`` is a bool array covering only that box (so documents stay far
@@ -19,6 +19,11 @@ Layout of one sample (one image, keyed by ``image_id``):
 - ``label_fingerprint``: a hash of the version-1 detections (ids, labels, boxes) as ingested; when
   the current values hash differently, a reviewer edited the sample.
 - Error rows: the sample is tagged ``label-error`` and ``label_error`` holds the reason.
+- Unreadable media (a missing file, a missing or cut-off tar, an unreachable URI): the sample is
+  still ingested with its labels, tagged ``media-error``, and ``media_error`` holds the reason;
+  the ingest goes on.
+
+Reading the labels back as rows (export, fine-tuning) is ``pipeline.fiftyone_read``.
 
 Ingest rules (see ``ingest_rows``): a run id the sample already holds changes nothing (idempotent);
 a newer run of an existing sample goes into the next version's fields and never overwrites the
@@ -32,13 +37,10 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
-import shutil
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 
 import fiftyone as fo
@@ -47,12 +49,14 @@ from fiftyone import ViewField as F
 
 import schemas
 from pipeline.export import label_files
+from pipeline.review_media import MediaResolver  # also importable from here, as before
 from schemas import rle as rle_utils
 
 LEVEL_FIELDS = {"instance": "instances", "part": "parts", "subpart": "subparts", "stuff": "stuff"}
 FIELD_LEVELS = {field: level for level, field in LEVEL_FIELDS.items()}
 REVIEWED_TAG = "reviewed"
 ERROR_TAG = "label-error"
+MEDIA_ERROR_TAG = "media-error"  # the image cannot be shown; ``media_error`` says why
 RUN_SEPARATOR = " | "
 
 
@@ -66,6 +70,7 @@ class IngestResult:
     replaced: int  # untouched samples whose version-1 fields took the new run
     versioned: int  # samples whose new run went into new version fields
     errors: int  # error rows among the ingested rows
+    media_errors: int = 0  # new samples whose image could not be materialized (tagged)
 
 
 # --------------------------------------------------------------------------- naming
@@ -87,93 +92,6 @@ def version_suffix(version: int) -> str:
     if version < 1:
         raise ValueError(f"versions start at 1, got {version}")
     return "" if version == 1 else f"_v{version}"
-
-
-# --------------------------------------------------------------------------- media
-class MediaResolver:
-    """Turns row URIs into local image paths, materializing archive members and remote files.
-
-    ``tar://<tar>#<member>`` extracts only ``member`` (by name, one pass over each tar per batch)
-    to ``media_dir/<tar stem>/<member basename>``; the target is checked to lie inside
-    ``media_dir``. Files already there are reused, so re-ingest extracts nothing.
-    """
-
-    def __init__(self, *, media_dir: str | os.PathLike):
-        self.media_dir = Path(media_dir).resolve()
-
-    @staticmethod
-    def _safe_name(name: str) -> str:
-        base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(name.replace("\\", "/")))
-        if base in ("", ".", ".."):
-            raise ValueError(f"cannot make a file name from {name!r}")
-        return base
-
-    def _inside(self, path: Path) -> Path:
-        resolved = path.resolve()
-        if self.media_dir not in resolved.parents:
-            raise ValueError(f"{path} lies outside the media folder {self.media_dir}")
-        return resolved
-
-    def target(self, uri: str) -> Path | None:
-        """The local path of ``uri`` (None for a plain local path, which is used as it is)."""
-        if uri.startswith("tar://"):
-            tar_path, _, member = uri[len("tar://") :].rpartition("#")
-            if not tar_path or not member:
-                raise ValueError(f"tar URI without '#member': {uri}")
-            stem = self._safe_name(Path(tar_path).name.split(".")[0] or "tar")
-            return self._inside(self.media_dir / stem / self._safe_name(member))
-        if uri.startswith("file://") or "://" not in uri:
-            return None
-        digest = hashlib.sha1(uri.encode()).hexdigest()[:12]
-        return self._inside(self.media_dir / "remote" / f"{digest}_{self._safe_name(uri)}")
-
-    def resolve(self, uris: Sequence[str]) -> list[str]:
-        """Local paths for ``uris`` (same order); missing archive members are left unextracted."""
-        paths: list[str] = []
-        wanted: dict[str, dict[str, Path]] = defaultdict(dict)  # tar path -> member -> target
-        for uri in uris:
-            target = self.target(uri)
-            if target is None:
-                paths.append(uri[len("file://") :] if uri.startswith("file://") else uri)
-                continue
-            paths.append(str(target))
-            if target.exists():
-                continue
-            if uri.startswith("tar://"):
-                tar_path, _, member = uri[len("tar://") :].rpartition("#")
-                wanted[tar_path][member] = target
-            else:
-                self._copy_remote(uri, target)
-        for tar_path, members in wanted.items():
-            self._extract(tar_path, members)
-        return paths
-
-    @staticmethod
-    def _write_atomic(source, target: Path) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as out:
-            shutil.copyfileobj(source, out)
-        os.replace(tmp, target)
-
-    def _extract(self, tar_path: str, members: dict[str, Path]) -> None:
-        import fsspec
-
-        with fsspec.open(tar_path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tar:
-            left = dict(members)
-            for info in tar:  # streaming: one pass, only the named members are read
-                target = left.pop(info.name, None)
-                if target is None or not info.isfile():
-                    continue
-                self._write_atomic(tar.extractfile(info), target)
-                if not left:
-                    break
-
-    def _copy_remote(self, uri: str, target: Path) -> None:
-        import fsspec
-
-        with fsspec.open(uri, "rb") as source:
-            self._write_atomic(source, target)
 
 
 # --------------------------------------------------------------------------- rows -> labels
@@ -272,7 +190,7 @@ def open_dataset(name: str) -> fo.Dataset:
     if fo.dataset_exists(name):
         return fo.load_dataset(name)
     dataset = fo.Dataset(name, persistent=True)
-    for field in ("image_id", "uri", "shard", "label_fingerprint"):
+    for field in ("image_id", "uri", "shard", "label_fingerprint", "media_error"):
         dataset.add_sample_field(field, fo.StringField)
     dataset.add_sample_field("label_runs", fo.ListField, subfield=fo.StringField)
     _add_version_fields(dataset, 1)
@@ -348,16 +266,22 @@ def ingest_rows(
             state[key] = {"runs": list(r or []), "tags": list(t or []), "edited": s != c}
 
     new_rows = [row for row in rows if row["image_id"] not in state]
-    paths = MediaResolver(media_dir=media_dir).resolve([row["uri"] for row in new_rows])
+    media = MediaResolver(media_dir=media_dir).resolve_with_errors([r["uri"] for r in new_rows])
     samples = []
-    for row, path in zip(new_rows, paths):
+    media_errors = 0
+    for row, (path, media_error) in zip(new_rows, media):
         labels = row_labels(row)
+        tags = [ERROR_TAG] if row["status"] == "error" else []
+        if media_error is not None:
+            tags.append(MEDIA_ERROR_TAG)
+            media_errors += 1
         sample = fo.Sample(
             filepath=path,
-            tags=[ERROR_TAG] if row["status"] == "error" else [],
+            tags=tags,
             image_id=row["image_id"],
             uri=row["uri"],
             shard=row["shard"],
+            media_error=media_error,
             label_runs=[run_id(row)],
             label_fingerprint=_labels_fingerprint(labels),
             **_version_values(row, labels),
@@ -407,6 +331,7 @@ def ingest_rows(
         replaced=replaced,
         versioned=versioned,
         errors=sum(row["status"] == "error" for row in rows),
+        media_errors=media_errors,
     )
 
 
@@ -436,7 +361,7 @@ def ingest_labels(
     dataset = open_dataset(dataset_name)
     root = Path(labels)
     media = Path(media_dir) if media_dir else (root if root.is_dir() else root.parent) / "media"
-    totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0)
+    totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0, media_errors=0)
     vocabularies = dict(dataset.info.get("vocabularies", {}))
     for rows, info in iter_label_rows(labels, batch_size=batch_size):
         result = ingest_rows(dataset, rows, media_dir=media, replace_unreviewed=replace_unreviewed)
@@ -461,117 +386,3 @@ def ingest_labels(
         ]
         setup_review(dataset, vocabulary=classes)
     return dataset, IngestResult(**totals)
-
-
-# --------------------------------------------------------------------------- read back
-def _full_mask(det: fo.Detection, width: int, height: int) -> np.ndarray:
-    """The (H, W) bool mask of a detection, its box-cropped mask pasted back at pixel precision."""
-    full = np.zeros((height, width), dtype=bool)
-    if det.mask is None:
-        return full
-    bx, by, bw, bh = det.bounding_box
-    x0, y0 = int(round(bx * width)), int(round(by * height))
-    x1, y1 = int(round((bx + bw) * width)), int(round((by + bh) * height))
-    x0, y0, x1, y1 = max(x0, 0), max(y0, 0), min(x1, width), min(y1, height)
-    if x1 <= x0 or y1 <= y0:
-        return full
-    mask = np.asarray(det.mask).astype(bool)
-    if mask.shape != (y1 - y0, x1 - x0):  # e.g. drawn in an annotation tool: nearest resize
-        rows = (np.arange(y1 - y0) * mask.shape[0] // (y1 - y0)).clip(0, mask.shape[0] - 1)
-        cols = (np.arange(x1 - x0) * mask.shape[1] // (x1 - x0)).clip(0, mask.shape[1] - 1)
-        mask = mask[rows][:, cols]
-    full[y0:y1, x0:x1] = mask
-    return full
-
-
-def _masks_from_sample(labels: dict[str, fo.Detections | None], width: int, height: int) -> list:
-    """Schema masks from the current detections; new detections get fresh mask ids."""
-    dets = [
-        (FIELD_LEVELS[name], det)
-        for name in FIELD_LEVELS
-        for det in (labels.get(name).detections if labels.get(name) else [])
-    ]
-    used: set[int] = set()
-    ids: list[int] = []
-    for _, det in dets:  # keep ingested mask ids where they are still unique
-        mid = getattr(det, "mask_id", None)
-        ids.append(-1 if mid is None or mid in used else int(mid))
-        used.add(ids[-1])
-    next_id = max(used | {-1}) + 1
-    for k, value in enumerate(ids):
-        if value < 0:
-            ids[k], next_id = next_id, next_id + 1
-    by_det_id = {det.id: mask_id for (_, det), mask_id in zip(dets, ids)}
-    masks = []
-    for (level, det), mask_id in zip(dets, ids):
-        get = lambda name, det=det: getattr(det, name, None)  # noqa: E731
-        model_label = get("model_label")
-        corrected = model_label is not None and det.label != model_label
-        parent = by_det_id.get(get("parent_id")) if get("parent_id") else None
-        masks.append(
-            schemas.make_mask(
-                mask_id=mask_id,
-                rle=rle_utils.encode(_full_mask(det, width, height)),
-                level=level,
-                label=det.label,
-                # a label a reviewer changed is a human label: the model's score and top-k no
-                # longer describe it
-                score=1.0 if corrected or det.confidence is None else float(det.confidence),
-                topk_labels=[det.label] if corrected else list(get("topk_labels") or []),
-                topk_scores=[1.0] if corrected else list(get("topk_scores") or []),
-                parent_id=parent if parent != mask_id else None,
-                origin=get("origin") if get("origin") in schemas.ORIGINS else "hipie",
-                sam_iou=get("sam_iou"),
-                sam_stability=get("sam_stability"),
-            )
-        )
-    return masks
-
-
-def read_rows(
-    collection: fo.core.collections.SampleCollection, *, version: int = 1
-) -> tuple[list[dict], set[str]]:
-    """Schema-v1 rows from the current field values (the reviewers' corrections) of a dataset or
-    view, and the image ids of the samples tagged ``reviewed``.
-
-    Args:
-        collection: a dataset or view (e.g. ``dataset.match_tags("reviewed")``).
-        version: which label version to read (1 = the plain fields).
-    """
-    suffix = version_suffix(version)
-    schema = collection.get_field_schema()
-    names = [n for n in FIELD_LEVELS if f"{n}{suffix}" in schema]
-    fields = ["image_id", "uri", "shard", "tags", "label_runs", "metadata"]
-    error_field = f"label_error{suffix}" if f"label_error{suffix}" in schema else None
-    columns = collection.values(
-        fields + [f"{n}{suffix}" for n in names] + ([error_field] if error_field else [])
-    )
-    rows, reviewed = [], set()
-    for s in range(len(columns[0])):
-        key, uri, shard, tags, runs, metadata = (columns[i][s] for i in range(len(fields)))
-        labels = {n: columns[len(fields) + i][s] for i, n in enumerate(names)}
-        error = columns[-1][s] if error_field else None
-        if REVIEWED_TAG in (tags or []):
-            reviewed.add(key)
-        runs = runs or []
-        if len(runs) < version:
-            continue  # the sample has no such version
-        model, vocabulary_hash, labeled_at = parse_run_id(runs[version - 1])
-        width = metadata.width if metadata else None
-        height = metadata.height if metadata else None
-        common = dict(image_id=key, uri=uri, shard=shard or "", model=model)
-        common.update(vocabulary_hash=vocabulary_hash, width=width, height=height)
-        if error or not width or not height:
-            rows.append(
-                schemas.make_error_row(
-                    error=error or "no image size", labeled_at=labeled_at, **common
-                )
-            )
-            continue
-        masks = _masks_from_sample(labels, width, height)
-        rows.append(
-            schemas.make_ok_row(
-                masks=masks, labeled_at=labeled_at or datetime.now(timezone.utc), **common
-            )
-        )
-    return rows, reviewed

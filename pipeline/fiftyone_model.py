@@ -35,7 +35,7 @@ import numpy as np
 
 import schemas
 from hipie.config import PostprocessConfig
-from pipeline import fiftyone_app, fiftyone_io
+from pipeline import fiftyone_app, fiftyone_io, fiftyone_read
 from pipeline.labeler import Labeler
 from pipeline.vocabulary import Vocabulary, load_vocabulary
 from schemas import rle as rle_utils
@@ -288,7 +288,7 @@ def detections_to_sam(value, width: int, height: int) -> list[dict] | None:
     for det in value.detections:
         if det.mask is None:
             continue
-        dense = fiftyone_io._full_mask(det, width, height)
+        dense = fiftyone_read.full_mask(det, width, height)
         if not dense.any():
             continue
         rle = rle_utils.encode(dense)

@@ -4,7 +4,7 @@ A `TrainingSet` holds the ok rows to train on and the class vocabulary taken fro
 (new class names are welcome: the text encoder is open-vocabulary). Rows come from
 
 - a FiftyOne dataset (`training_set_from_dataset`: the reviewers' current values of the samples
-  with a tag, default ``reviewed``, read back with `pipeline.fiftyone_io.read_rows`),
+  with a tag, default ``reviewed``, read back with `pipeline.fiftyone_read.read_rows`),
 - label Parquet files (`training_set_from_labels`), or
 - a COCO instances JSON (`training_set_from_coco`), e.g. the one `python -m jobs.export` writes,
   whose categories carry ``level`` and whose annotations carry ``hipie_mask_id`` /
@@ -138,18 +138,24 @@ def training_set_from_rows(
     )
 
 
-def training_set_from_dataset(name: str, *, tag: str | None = "reviewed") -> TrainingSet:
+def training_set_from_dataset(
+    name: str, *, tag: str | None = "reviewed", label_field: str | None = None
+) -> TrainingSet:
     """The samples of FiftyOne dataset ``name`` tagged ``tag`` (all samples when None), with the
-    reviewers' current labels; images are read from the samples' local files."""
+    reviewers' current labels; images are read from the samples' local files (samples whose
+    image could not be materialized at ingest, tagged ``media-error``, are left out).
+    ``label_field``: the ``apply_model`` labels to read (``pipeline.fiftyone_read.read_rows``;
+    None: the ingest's fields if any, else the one ``apply_model`` run)."""
     import fiftyone as fo
 
-    from pipeline.fiftyone_io import read_rows
+    from pipeline.fiftyone_io import MEDIA_ERROR_TAG
+    from pipeline.fiftyone_read import image_paths, read_rows
 
     dataset = fo.load_dataset(name)
     view = dataset.match_tags(tag) if tag else dataset
-    rows, _ = read_rows(view)
-    ids, paths = view.values(["image_id", "filepath"])
-    return training_set_from_rows(rows, uris=dict(zip(ids, paths)))
+    view = view.match_tags(MEDIA_ERROR_TAG, bool=False)  # no image to train on
+    rows, _ = read_rows(view, label_field=label_field)
+    return training_set_from_rows(rows, uris=image_paths(view))
 
 
 def training_set_from_labels(labels: str | os.PathLike) -> TrainingSet:

@@ -1,38 +1,38 @@
-"""The labeling job on Ray Data: read shards, decode on CPU tasks, label in an actor pool, write one
-Parquet file per input shard.
+"""The labeling job on Ray Data: read shards, decode on CPU tasks, label in an actor pool, write
+part files where the rows are made, commit one Parquet file per input shard.
 
-Flow (all streaming)::
+Flow (all streaming; ``pipeline.transform.label_dataset`` is the decode + label part)::
 
-    shards ──flat_map(read)──► records ──map(decode)──► images ──map_batches(Labeler)──► rows
-                                                                                          │
-                                                    driver: ShardCollector ──► Parquet per shard
+    shards ─flat_map(read)─► records ─map(decode)─► images ─map_batches(Labeler)─► rows
+      ─map_batches(write_parts)─► <output>/_parts/<shard>/*.parquet, and part records
+                                                                          │ (small)
+                      driver: ShardCommitter ─► commit task per complete shard ─► <shard>.parquet
 
 Every image a source yields becomes exactly one row: reading, decoding and labeling failures are
 turned into ``error`` rows where they happen. After the last image of a shard the reader emits an
-*end marker* carrying the shard's image count; it travels through decode and labeling untouched,
-and the driver writes the shard's file (atomically) once it holds the marker and that many rows.
-A rerun skips shards whose file is complete, so a killed job resumes where it stopped and never
-duplicates rows.
+*end marker* carrying the shard's image count; it travels through decode and labeling untouched.
+The rows never reach the driver: it gets the part records (shard, part path, image ids) and
+starts the shard's commit (``pipeline.parts.commit_shard``: merge, validate, write atomically)
+once the end marker's count of images is accounted for. A rerun removes the part files of killed
+runs and skips shards whose file is complete, so a killed job resumes where it stopped and never
+duplicates rows (see ``pipeline.parts`` for exactly-once).
 """
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
 
-import schemas
-from pipeline import decode, sinks, sources
+from pipeline import decode, parts, sinks, sources
+from pipeline.parts import COUNT, END, MARKER_COLUMNS  # noqa: F401 - the labeler's imports
 from pipeline.vocabulary import Vocabulary
 
-# Columns added to LABELS_V1 while rows travel through Ray (dropped before writing).
-END = "_end"  # True on a shard's end marker
-COUNT = "_count"  # the shard's number of images, on the end marker
-MARKER_COLUMNS = (END, COUNT)
+# Ray CPUs of a shard's commit task (reads its parts, writes one file): none, so that commits
+# are never starved by the streaming stages on small clusters.
+COMMIT_CPUS = 0.0
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ class LabelJobConfig:
     inputs: tuple[
         str, ...
     ]  # folders, SA-1B tar shards (or folders of them), manifests; local or fsspec
-    output: str  # local folder of the Parquet files (one per input shard) and _summary.json
+    output: str  # folder or URI (s3://, gs://, ...) of the Parquet files and _summary.json
     vocabulary_json: str  # pipeline.vocabulary.Vocabulary.to_json()
     checkpoint: str = "tiny"  # "tiny", a checkpoint folder, a release .pth, or "random:<preset>"
     sam_checkpoint: str | None = (
@@ -64,73 +64,6 @@ class LabelJobConfig:
     @property
     def vocabulary(self) -> Vocabulary:
         return Vocabulary.from_json(self.vocabulary_json)
-
-
-@dataclass
-class ShardState:
-    """Rows received so far for one shard."""
-
-    tables: list[pa.Table] = field(default_factory=list)
-    rows: int = 0
-    expected: int | None = None  # known once the end marker arrived
-
-
-class ShardCollector:
-    """Gathers labeled rows per shard on the driver and writes each shard once it is complete."""
-
-    def __init__(self, output: str, shards: list[sources.Shard], *, vocabulary: Vocabulary) -> None:
-        self.output = output
-        self.shards = {s.name: s for s in shards}
-        self.vocabulary = vocabulary
-        self.states: dict[str, ShardState] = {}
-        self.written: list[sinks.ShardStats] = []
-        self.started = time.perf_counter()
-
-    def add(self, batch: pa.Table) -> None:
-        """Take one batch of rows (LABELS_V1 + marker columns), writing the shards it completes."""
-        ends = batch.column(END).to_pylist()
-        counts = batch.column(COUNT).to_pylist()
-        shard_col = batch.column("shard").to_pylist()
-        row_idx: dict[str, list[int]] = {}
-        for i, (shard, is_end) in enumerate(zip(shard_col, ends)):
-            state = self.states.setdefault(shard, ShardState())
-            if is_end:
-                state.expected = int(counts[i])
-            else:
-                row_idx.setdefault(shard, []).append(i)
-        rows = batch.drop_columns(list(MARKER_COLUMNS))
-        for shard, idx in row_idx.items():
-            state = self.states[shard]
-            state.tables.append(rows.take(pa.array(idx, pa.int64())))
-            state.rows += len(idx)
-        for shard in list(self.states):
-            self._maybe_write(shard)
-
-    def _maybe_write(self, shard: str) -> None:
-        state = self.states[shard]
-        if state.expected is None or state.rows < state.expected:
-            return
-        if state.rows > state.expected:
-            raise RuntimeError(
-                f"shard {shard!r}: {state.rows} rows for {state.expected} images (duplicated rows)"
-            )
-        table = (
-            pa.concat_tables(state.tables) if state.tables else schemas.rows_to_table([])
-        ).cast(schemas.LABELS_V1)
-        stats = sinks.write_shard(
-            self.output,
-            self.shards[shard],
-            table,
-            vocabulary=self.vocabulary,
-            n_records=state.expected,
-            seconds=time.perf_counter() - self.started,
-        )
-        del self.states[shard]
-        self.written.append(stats)
-
-    def incomplete(self) -> dict[str, tuple[int, int | None]]:
-        """Shards still open: name -> (rows received, rows expected or None)."""
-        return {k: (s.rows, s.expected) for k, s in self.states.items()}
 
 
 def read_shard(item: dict, *, shards: list[sources.Shard]) -> Iterator[dict]:
@@ -166,10 +99,42 @@ def read_shard(item: dict, *, shards: list[sources.Shard]) -> Iterator[dict]:
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
 
 
-def decode_record(rec: dict, *, max_pixels: int) -> dict:
+def array_for_model(
+    pixels, *, max_pixels: int, max_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An already decoded image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as (h, w, 3) uint8 RGB
+    resized for the model like ``decode.decode_image_for_model``, and its own (height, width).
+    An alpha channel is dropped; values of other dtypes are clipped to 0..255."""
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise decode.ImageDecodeError(f"not an image array: shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    h, w = arr.shape[:2]
+    if h * w > max_pixels:
+        raise decode.ImageDecodeError(f"{w}x{h} pixels, more than max_pixels={max_pixels}")
+    if h == 0 or w == 0:
+        raise decode.ImageDecodeError("empty image array")
+    return decode.resize_to_model(np.ascontiguousarray(arr), max_side), (h, w)
+
+
+def decode_record(rec: dict, *, max_pixels: int, max_side: int | None = None) -> dict:
     """Ray map (CPU task): image bytes to an RGB array and the SA-1B json to validated RLEs.
 
+    The image is resized so that its longer side is at most ``max_side`` (the model's test size;
+    None keeps the full size), so no full-resolution array travels to the labeler; ``height`` and
+    ``width`` keep the image's own size. The SAM masks travel as their RLE counts strings
+    (``sam_counts``, one per line, "" when the source has none; the RLEs are of the image's own
+    size) and a float64 array of their box, area, predicted IoU and stability score
+    (``sam_meta``, bytes of an (N, 7) array; NaN where the json has no value).
     A failure fills ``error`` (and an empty image) instead of raising, so the row is kept.
+    A record may bring its image already decoded (``pixels``, an (H, W[, C]) array, as
+    ``ray.data.read_images`` gives; ``pipeline.transform``) instead of file bytes (``data``).
     """
     out = {
         "shard": rec["shard"],
@@ -177,27 +142,35 @@ def decode_record(rec: dict, *, max_pixels: int) -> dict:
         "uri": rec["uri"],
         "error": rec["error"],
         "image": EMPTY_IMAGE,
-        "sam_masks": "",  # JSON list of the SA-1B masks; "" when the source has none
+        "height": 0,
+        "width": 0,
+        "sam_counts": "",
+        "sam_meta": b"",
         END: rec[END],
         COUNT: rec[COUNT],
     }
     if rec[END] or rec["error"]:
         return out
+    pixels = rec.get("pixels")
     try:
-        image = decode.decode_image(rec["data"], max_pixels=max_pixels)
+        if pixels is not None and np.asarray(pixels).size:
+            image, (h, w) = array_for_model(pixels, max_pixels=max_pixels, max_side=max_side)
+        else:
+            image, (h, w) = decode.decode_image_for_model(
+                rec["data"], max_pixels=max_pixels, max_side=max_side
+            )
     except decode.ImageDecodeError as exc:
         out["error"] = f"cannot decode image: {exc.reason}"
         return out
-    out["image"] = image
+    out.update(image=image, height=h, width=w)
     if rec["has_sam_json"]:
-        h, w = image.shape[:2]
         try:
             masks = decode.decode_sam_json(rec["sam_json"], w, h)
         except decode.MaskDecodeError as exc:
             out["error"] = f"cannot use the SAM mask json: {exc.reason}"
             out["image"] = EMPTY_IMAGE
             return out
-        out["sam_masks"] = json.dumps([asdict(m) for m in masks])
+        out["sam_counts"], out["sam_meta"] = decode.pack_sam_masks(masks)
     return out
 
 
@@ -209,12 +182,14 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
     """
     import ray
 
-    from pipeline.labeler import Labeler
+    from pipeline.transform import label_dataset
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     vocabulary = config.vocabulary
-    shards = sources.list_shards(list(config.inputs), shard_size=config.folder_shard_size)
+    listing = sources.list_inputs(list(config.inputs), shard_size=config.folder_shard_size)
+    shards = listing.shards
     sinks.clean_temporaries(config.output)
+    parts.clean_parts(config.output)  # part files of killed runs: named by no record
     todo = [
         s
         for s in shards
@@ -222,37 +197,37 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
         or not sinks.shard_done(config.output, s, vocabulary_hash=vocabulary.hash)
     ]
     start = time.perf_counter()
-    collector = ShardCollector(config.output, todo, vocabulary=vocabulary)
+    commit = ray.remote(num_cpus=COMMIT_CPUS, max_retries=3)(parts.commit_shard)
+    committer = parts.ShardCommitter(config.output, todo, vocabulary=vocabulary, commit=commit)
     if todo:
-        ds = (
+        records = (
             ray.data.from_items([{"index": i} for i in range(len(todo))])
             .repartition(len(todo))
             .flat_map(read_shard, fn_kwargs={"shards": todo})
-            .map(decode_record, fn_kwargs={"max_pixels": config.max_pixels})
-            .map_batches(
-                Labeler,
-                fn_constructor_kwargs={"config": config},
-                batch_size=config.batch_size,
-                compute=ray.data.ActorPoolStrategy(size=config.actors),
-                num_cpus=config.cpus_per_actor,
-                num_gpus=config.gpus_per_actor,
-                batch_format="numpy",
-                # Ray Data restarts a dead labeler actor and retries its batches by default
-                # (max_restarts=-1, max_task_retries=-1): tests/pipeline/test_job.py kills one.
-            )
+        )
+        ds = label_dataset(records, config, keep_markers=True).map_batches(
+            parts.write_parts,
+            fn_kwargs={"output": config.output},
+            batch_size=None,
+            batch_format="pyarrow",
+            num_cpus=0.25,
         )
         for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            collector.add(batch)
-        if collector.incomplete():
-            raise RuntimeError(f"shards left incomplete: {collector.incomplete()}")
+            committer.add(batch)  # part records only: the rows stay in the part files
+        committer.poll(wait=True)
+        if committer.incomplete():
+            raise RuntimeError(f"shards left incomplete: {committer.incomplete()}")
+        parts.clean_parts(config.output)  # every shard committed: what is left is orphans
     seconds = time.perf_counter() - start
     return sinks.write_summary(
         config.output,
         {
             "seconds": seconds,
-            "shards_written": len(collector.written),
+            "shards_written": len(committer.written),
             "shards_skipped": len(shards) - len(todo),
-            "images_ok": sum(s.images_ok for s in collector.written),
-            "images_error": sum(s.images_error for s in collector.written),
+            "images_ok": sum(s.images_ok for s in committer.written),
+            "images_error": sum(s.images_error for s in committer.written),
+            "skipped": listing.skipped,
+            "skipped_examples": listing.skipped_examples,
         },
     )

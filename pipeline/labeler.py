@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
+from pipeline.decode import unpack_sam_masks
 from pipeline.job import COUNT, END, LabelJobConfig
-from schemas import rle as rle_utils
 
 ROW_SCHEMA = schemas.LABELS_V1.append(pa.field(END, pa.bool_())).append(pa.field(COUNT, pa.int64()))
 
@@ -43,6 +43,26 @@ def load_model(checkpoint: str):
     from hipie import build_hipie
 
     return build_hipie(checkpoint=checkpoint)
+
+
+def model_input_side(checkpoint: str) -> int | None:
+    """The model's test size (longer image side) for ``checkpoint``, read from its config only;
+    None when it cannot be told without loading the model (the decode task then ships images at
+    their own size and the labeler resizes them)."""
+    from hipie.build import PRESETS, _checkpoint_dir
+    from hipie.config import HipieConfig
+    from hipie.release_build import RELEASE_PRESETS
+
+    try:
+        if checkpoint.startswith("random:"):
+            name = checkpoint.split(":", 1)[1]
+            if name in RELEASE_PRESETS:  # the released architecture resizes the shortest edge
+                return None
+            return int(PRESETS[name]().test_size)
+        config = json.loads((_checkpoint_dir(checkpoint) / "config.json").read_text())
+        return int(HipieConfig.from_dict(config).test_size)
+    except (OSError, KeyError, ValueError, TypeError):  # another kind of checkpoint
+        return None
 
 
 def make_predictor(
@@ -76,15 +96,28 @@ def load_clip(spec: str | None, device: str):
     return ClipMaskClassifier(model_name=name, pretrained=pretrained or None, device=device)
 
 
-def segments_to_masks(seg, *, topk: int, sam_records=None) -> list[dict]:
-    """A predictor ``Segments`` as schema mask structs (mask ids = positions)."""
+def segments_to_masks(
+    seg, *, topk: int, sam_records=None, encoded=None, image_size=None
+) -> list[dict]:
+    """A predictor ``Segments`` as schema mask structs (mask ids = positions).
+
+    RLEs, boxes and areas: the SAM records' (``sam_records``), else ``encoded`` (a
+    `hipie.rle_torch.EncodedMasks` of the segments' masks), else the masks encoded here, at
+    ``image_size`` (H, W) when the masks are at the model's smaller resolution (nearest
+    upsampling, straight to the RLE).
+    """
     n = len(seg)
     if n == 0:
         return []
+    boxes = areas = None
     if seg.rles is not None:
         rles = seg.rles
     else:
-        rles = rle_utils.encode_many(seg.masks.detach().cpu().numpy())
+        if encoded is None:
+            from hipie import rle_torch
+
+            encoded = rle_torch.encode(seg.masks.detach(), image_size)
+        rles, boxes, areas = encoded.rles, encoded.bboxes, encoded.areas
     probs = seg.probs.detach().float().cpu()
     k = min(topk, probs.shape[1]) if probs.ndim == 2 else 0
     top_scores, top_ids = probs.topk(k, dim=1) if k else (None, None)
@@ -113,8 +146,8 @@ def segments_to_masks(seg, *, topk: int, sam_records=None) -> list[dict]:
                 parent_id=parents[i] if parents[i] >= 0 else None,
                 sam_iou=None if sam is None else sam.get("predicted_iou"),
                 sam_stability=None if sam is None else sam.get("stability_score"),
-                bbox=None if sam is None else sam.get("bbox"),
-                area=None if sam is None else sam.get("area"),
+                bbox=sam.get("bbox") if sam is not None else boxes[i] if boxes else None,
+                area=sam.get("area") if sam is not None else areas[i] if areas else None,
             )
         )
     return out
@@ -153,6 +186,13 @@ def replace_classes(sam_masks: list[dict], hier_masks: list[dict], classes: set[
             new_ids.get((source, m["parent_id"])) if m["parent_id"] is not None else None
         )
     return result
+
+
+def _image_size(batch: dict, i: int, image: np.ndarray) -> tuple[int, int]:
+    """Image i's own (height, width): the decode task's, else the array's."""
+    if "height" in batch and int(batch["height"][i]) > 0:
+        return int(batch["height"][i]), int(batch["width"][i])
+    return image.shape[0], image.shape[1]
 
 
 class Labeler:
@@ -203,11 +243,28 @@ class Labeler:
             )
         return self.predictor.panoptic_batch(images, self.things, self.stuff)
 
-    def label_images(self, images: list[np.ndarray], sam_lists: list[list[dict] | None]):
-        """Mask structs per image; ``sam_lists[i]`` is the image's class-agnostic masks or None."""
+    def label_images(
+        self,
+        images: list[np.ndarray],
+        sam_lists: list[list[dict] | None],
+        sizes: list[tuple[int, int]] | None = None,
+    ):
+        """Mask structs per image; ``sam_lists[i]`` is the image's class-agnostic masks or None.
+
+        ``sizes[i]`` is image i's own (height, width) when ``images[i]`` was resized for the model
+        (by the decode task); the labels refer to that size. Default: the arrays' sizes.
+        HIPIE sees each image at its test size and its masks stay at that resolution: each is
+        RLE-encoded once, straight to the image size, for the rows and the vote alike.
+        """
+        from hipie import rle_torch
+        from pipeline.decode import resize_to_model
+
+        sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
         if self.sam is not None:
             missing = [i for i, s in enumerate(sam_lists) if s is None]
             if missing:
+                if any(images[i].shape[:2] != tuple(sizes[i]) for i in missing):
+                    raise ValueError("SAM needs the images at their own size")
                 generated = self.sam.generate_batch([images[i] for i in missing])
                 for i, masks in zip(missing, generated):
                     sam_lists[i] = [
@@ -220,14 +277,18 @@ class Labeler:
                         }
                         for m in masks
                     ]
-        hierarchies = self._hierarchy(images)
+        side = self.predictor.config.test_size
+        hierarchies = self._hierarchy([resize_to_model(im, side) for im in images])
         results = []
-        for h, sam in zip(hierarchies, sam_lists):
-            hier_masks = segments_to_masks(h, topk=self.config.topk)
+        for h, sam, size in zip(hierarchies, sam_lists, sizes):
+            encoded = rle_torch.encode(h.masks, tuple(size))
+            hier_masks = segments_to_masks(h, topk=self.config.topk, encoded=encoded)
             if not sam:
                 results.append(hier_masks)
                 continue
-            voted = self.predictor.vote_from_hierarchy(h, [s["rle"] for s in sam], self.things)
+            voted = self.predictor.vote_from_hierarchy(
+                h, [s["rle"] for s in sam], self.things, hipie_rles=encoded.rles
+            )
             sam_masks = segments_to_masks(voted, topk=self.config.topk, sam_records=sam)
             results.append(replace_classes(sam_masks, hier_masks, self.replace))
         return results
@@ -259,29 +320,32 @@ class Labeler:
                 todo.append(i)
         if todo:
             images = [np.asarray(batch["image"][i]) for i in todo]
+            sizes = [_image_size(batch, i, images[j]) for j, i in enumerate(todo)]
             sams = [
-                json.loads(batch["sam_masks"][i]) if batch["sam_masks"][i] else None for i in todo
+                unpack_sam_masks(batch["sam_counts"][i], batch["sam_meta"][i], *size)
+                if "sam_counts" in batch
+                else None
+                for i, size in zip(todo, sizes)
             ]
             try:
-                labeled = self.label_images(images, sams)
+                labeled = self.label_images(images, sams, sizes)
                 failures = [None] * len(todo)
             except Exception:  # noqa: BLE001 - retry one by one so one bad image costs one row
                 labeled, failures = [], []
-                for img, sam in zip(images, sams):
+                for img, sam, size in zip(images, sams, sizes):
                     try:
-                        labeled.extend(self.label_images([img], [sam]))
+                        labeled.extend(self.label_images([img], [sam], [size]))
                         failures.append(None)
                     except Exception as exc:  # noqa: BLE001
                         labeled.append([])
                         failures.append(f"labeling failed: {type(exc).__name__}: {exc}")
                         traceback.print_exc()
-            for i, img, masks, failure in zip(todo, images, labeled, failures):
+            for i, (h, w), masks, failure in zip(todo, sizes, labeled, failures):
                 common = {
                     "image_id": str(batch["image_id"][i]),
                     "uri": str(batch["uri"][i]),
                     "shard": str(batch["shard"][i]),
                 }
-                h, w = img.shape[:2]
                 if failure:
                     row = schemas.make_error_row(
                         **common,

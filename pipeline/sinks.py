@@ -1,12 +1,17 @@
 """Parquet sinks with resume: one labels file per input shard, and a run summary beside them.
 
-Layout of an output folder (a local path; ``schemas.write_parquet`` writes through the OS)::
+Layout of an output folder (a local path or a URI such as ``s3://bucket/labels``, written
+through ``pyarrow.fs``, see ``pipeline.storage``)::
 
     <output>/<shard name>.parquet     one per shard, schema v1, written atomically
     <output>/_summary.json            totals over all complete shards + one record per run
+                                      (with the input files it skipped, by reason)
+    <output>/_parts/<shard>/...       part files of shards being labeled (``pipeline.parts``);
+                                      never read as labels, removed when the shard is committed
 
 A shard's file is written once all of its rows are in, under a temporary name that is then
-renamed (``schemas.write_parquet``), so a file under the final name is always complete. Its
+renamed (on object stores: as one object, which appears only once complete), so a file under the
+final name is always complete. Its
 key-value metadata ("extra") records the shard name, the number of rows, the shard's
 fingerprint (for folder and manifest groups: a hash of their image ids), the vocabulary hash and
 the shard's counts. ``shard_done`` checks these against the input, so a rerun skips exactly the
@@ -25,7 +30,6 @@ import json
 import os
 import re
 import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -36,6 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 import schemas
+from pipeline import storage
 from pipeline.sources import Shard
 from pipeline.vocabulary import Vocabulary
 
@@ -72,6 +77,10 @@ class RunRecord:
     shards_skipped: int  # shards found complete and skipped
     images: int  # images (ok + error) written by this run
     images_per_s: float  # images / seconds of this run
+    # Files of the input folders that are not images, by reason ({"not an image": 3}), and a
+    # few of their paths: nothing is left out without a word.
+    skipped: dict[str, int] = field(default_factory=dict)
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +94,8 @@ class RunSummary:
     seconds: float  # wall time summed over the runs
     images_per_s: float  # images written by the runs / their seconds
     runs: tuple[RunRecord, ...] = field(default=())  # oldest first
+    # The latest run's skipped input files by reason (see RunRecord.skipped).
+    skipped: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (what ``_summary.json`` holds)."""
@@ -102,12 +113,26 @@ class RunSummary:
 # Files of one shard
 
 
-def output_path(output_dir: str | os.PathLike, shard: Shard | str) -> Path:
-    """``<output_dir>/<shard name>.parquet``; refuses names that would leave ``output_dir``."""
+def shard_name(shard: Shard | str) -> str:
+    """The shard's name; refuses names that would leave the output folder or hide the file."""
     name = shard.name if isinstance(shard, Shard) else shard
     if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
         raise ValueError(f"invalid shard name {name!r}")
+    return name
+
+
+def output_path(output_dir: str | os.PathLike, shard: Shard | str) -> Path | str:
+    """``<output_dir>/<shard name>.parquet``: a Path for a local folder, a URI string for a URI."""
+    name = shard_name(shard)
+    if storage.is_uri(output_dir):
+        return storage.join(os.fspath(output_dir), f"{name}{OUTPUT_SUFFIX}")
     return Path(output_dir) / f"{name}{OUTPUT_SUFFIX}"
+
+
+def shard_file(output_dir: str | os.PathLike, shard: Shard | str):
+    """(file system, path on it) of the shard's labels file."""
+    fs, base = storage.resolve(output_dir)
+    return fs, storage.join(base, f"{shard_name(shard)}{OUTPUT_SUFFIX}")
 
 
 def shard_done(
@@ -125,11 +150,11 @@ def shard_done(
     and manifest groups) and the shard's fingerprint; ``vocabulary_hash``, when given, must
     equal the one the file was labeled with.
     """
-    path = output_path(output_dir, shard)
-    if not path.is_file():
-        return False
+    fs, path = shard_file(output_dir, shard)
     try:
-        info = schemas.read_metadata(path)
+        if not storage.is_file(fs, path):
+            return False
+        info = schemas.read_metadata(path, filesystem=fs)
     except Exception:  # truncated or not Parquet at all
         return False
     extra = info.get("extra") or {}
@@ -148,10 +173,13 @@ def shard_done(
     return vocabulary_hash is None or extra.get("vocabulary_hash") == vocabulary_hash
 
 
-def read_shard_stats(path: str | os.PathLike) -> ShardStats | None:
-    """The counts stored in a labels file's metadata (None for files this module did not write)."""
+def read_shard_stats(path: str | os.PathLike, *, filesystem=None) -> ShardStats | None:
+    """The counts stored in a labels file's metadata (None for files this module did not write).
+
+    ``filesystem``: the ``pyarrow.fs.FileSystem`` of ``path`` (default: local).
+    """
     try:
-        extra = schemas.read_metadata(path).get("extra") or {}
+        extra = schemas.read_metadata(path, filesystem=filesystem).get("extra") or {}
         return ShardStats(
             shard=extra["shard"],
             images_ok=int(extra["images_ok"]),
@@ -169,20 +197,16 @@ def clean_temporaries(output_dir: str | os.PathLike, *, older_than_s: float = 0.
     Only run it when no other job writes into ``output_dir``, or pass ``older_than_s`` larger
     than the time a shard takes to write.
     """
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return []
+    fs, base = storage.resolve(output_dir)
     now = time.time()
     removed = []
-    for entry in sorted(folder.iterdir()):
-        if not entry.is_file() or not _TEMP_PATTERN.match(entry.name):
+    for entry in storage.list_dir(fs, base):
+        if entry.type != storage.pafs.FileType.File or not _TEMP_PATTERN.match(entry.base_name):
             continue
-        try:
-            if now - entry.stat().st_mtime >= older_than_s:
-                entry.unlink()
-                removed.append(entry)
-        except FileNotFoundError:  # another process got there first
-            continue
+        mtime = entry.mtime.timestamp() if entry.mtime is not None else 0.0
+        if now - mtime >= older_than_s:
+            storage.remove_file(fs, entry.path)
+            removed.append(Path(entry.path) if not storage.is_uri(output_dir) else entry.path)
     return removed
 
 
@@ -199,7 +223,7 @@ class ShardWriter:
     ) -> None:
         """
         Args:
-            output_dir: local folder for the files (created if missing).
+            output_dir: local folder or URI for the files (created if missing).
             vocabulary: the run's vocabulary, recorded in each file's metadata.
             overwrite: relabel shards whose output is already complete.
             validate: check each table against the label contract before writing (RLE counts
@@ -254,7 +278,7 @@ def write_shard(
     """Write all rows of one shard to ``output_path(output_dir, shard)`` atomically.
 
     Args:
-        output_dir: local folder (created if missing).
+        output_dir: local folder or URI (``pipeline.storage``; created if missing).
         shard: the shard (or its name) the rows belong to; a ``Shard`` also checks the row
             count against its known size and records its fingerprint.
         rows: one row per record the source yielded (``schemas.make_ok_row`` /
@@ -273,8 +297,8 @@ def write_shard(
             the input's (a file that ``shard_done`` would reject is never written).
         schemas.SchemaError: a row breaks the label contract (with ``validate``).
     """
-    name = shard.name if isinstance(shard, Shard) else shard
-    path = output_path(output_dir, name)
+    name = shard_name(shard)
+    fs, path = shard_file(output_dir, name)
     vocabulary_dict, vocabulary_hash = _vocabulary_and_hash(vocabulary)
     if isinstance(rows, pa.Table):
         table = rows.select(schemas.LABELS_V1.names).cast(schemas.LABELS_V1)
@@ -308,7 +332,8 @@ def write_shard(
         "seconds": stats.seconds,
         "written_at": _now(),
     }
-    schemas.write_parquet(table, path, vocabulary=vocabulary_dict, extra=extra)
+    table = schemas.with_label_metadata(table, vocabulary=vocabulary_dict, extra=extra)
+    storage.write_parquet(fs, path, table)
     return stats
 
 
@@ -332,22 +357,29 @@ def table_stats(table: pa.Table, *, shard: str, seconds: float = 0.0) -> ShardSt
 def read_summary(output_dir: str | os.PathLike) -> RunSummary | None:
     """The summary in ``output_dir`` (None when missing or unreadable)."""
     try:
-        text = (Path(output_dir) / SUMMARY_NAME).read_text(encoding="utf-8")
+        fs, base = storage.resolve(output_dir)
+        text = storage.read_text(fs, storage.join(base, SUMMARY_NAME))
         return RunSummary.from_dict(json.loads(text))
     except Exception:
         return None
 
 
 def scan_outputs(output_dir: str | os.PathLike) -> dict[str, ShardStats]:
-    """Counts of every complete shard file in ``output_dir`` (read from the Parquet footers)."""
+    """Counts of every complete shard file in ``output_dir`` (read from the Parquet footers).
+
+    Only the folder's own ``<shard>.parquet`` files count (not ``_parts/``, not temporaries).
+    """
     found: dict[str, ShardStats] = {}
-    folder = Path(output_dir)
-    if not folder.is_dir():
-        return found
-    for path in sorted(folder.glob(f"*{OUTPUT_SUFFIX}")):
-        stats = read_shard_stats(path)
-        if stats is not None and path.name == f"{stats.shard}{OUTPUT_SUFFIX}":
-            if shard_done(folder, stats.shard):
+    fs, base = storage.resolve(output_dir)
+    for entry in storage.list_dir(fs, base):
+        name = entry.base_name
+        if entry.type != storage.pafs.FileType.File or not name.endswith(OUTPUT_SUFFIX):
+            continue
+        if name.startswith("."):
+            continue
+        stats = read_shard_stats(entry.path, filesystem=fs)
+        if stats is not None and name == f"{stats.shard}{OUTPUT_SUFFIX}":
+            if shard_done(output_dir, stats.shard):
                 found[stats.shard] = stats
     return found
 
@@ -361,7 +393,9 @@ def write_summary(
     files, so shards written by earlier (killed or finished) runs are counted once each, and
     shards relabeled with ``overwrite`` are not counted twice. ``run`` (this run's record, or a
     mapping with ``seconds``, ``shards_written``, ``shards_skipped`` and ``images`` or
-    ``images_ok`` + ``images_error``) is appended to the runs kept from the earlier summary.
+    ``images_ok`` + ``images_error``, optionally ``skipped`` and ``skipped_examples``) is
+    appended to the runs kept from the earlier summary; the summary's ``skipped`` is the last
+    run's.
     """
     previous = read_summary(output_dir)
     runs = previous.runs if previous is not None else ()
@@ -381,15 +415,11 @@ def write_summary(
         seconds=seconds,
         images_per_s=sum(r.images for r in runs) / seconds if seconds > 0 else 0.0,
         runs=runs,
+        skipped=dict(runs[-1].skipped) if runs else {},
     )
-    folder = Path(output_dir)
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / f".{SUMMARY_NAME}.{uuid.uuid4().hex}.tmp"
-    try:
-        tmp.write_text(json.dumps(summary.to_dict(), indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, folder / SUMMARY_NAME)
-    finally:
-        tmp.unlink(missing_ok=True)
+    fs, base = storage.resolve(output_dir)
+    text = json.dumps(summary.to_dict(), indent=2) + "\n"
+    storage.write_text(fs, storage.join(base, SUMMARY_NAME), text)
     return summary
 
 
@@ -403,6 +433,10 @@ def _run_record(run: Mapping[str, Any]) -> RunRecord:
         shards_skipped=int(run.get("shards_skipped", 0)),
         images=images,
         images_per_s=images / seconds if seconds > 0 else 0.0,
+        skipped={str(k): int(v) for k, v in dict(run.get("skipped") or {}).items()},
+        skipped_examples={
+            str(k): [str(p) for p in v] for k, v in dict(run.get("skipped_examples") or {}).items()
+        },
     )
 
 

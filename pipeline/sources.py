@@ -6,9 +6,11 @@ objects, the unit of work and of output (one Parquet file per shard); ``iter_sha
 shard's records. Both are plain functions on picklable values, so they run on the driver or in
 Ray tasks alike.
 
-- A folder (searched recursively) gives its images (``IMAGE_EXTENSIONS``) in sorted order,
-  grouped into shards of ``shard_size`` images; tar files found in it become tar shards.
-  Image id: the path relative to the folder (``"sub/a.jpg"``).
+- A folder (searched recursively) gives its images (``IMAGE_EXTENSIONS``; a GIF is labeled by
+  its first frame) in sorted order, grouped into shards of ``shard_size`` images; tar files found
+  in it become tar shards. Image id: the path relative to the folder (``"sub/a.jpg"``). Every
+  other file is skipped and counted by reason (``Listing.skipped``, e.g. ``{"not an image": 3}``),
+  so the run summary can say what was left out.
 - An SA-1B tar (``.tar``, also ``.tar.gz``/``.tgz``/``.tar.bz2``/``.tar.xz``) is one shard, read
   as a stream (``tarfile`` mode ``"r|*"``) member by member and never extracted to disk; each
   ``<key>.jpg`` is paired with its ``<key>.json`` (its class-agnostic masks). Image id: the
@@ -38,19 +40,21 @@ import posixpath
 import tarfile
 from collections import Counter
 from collections.abc import Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import fsspec
 from fsspec.core import url_to_fs
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
 MANIFEST_SUFFIXES = (".parquet", ".csv")
 DEFAULT_SHARD_SIZE = 1000  # images per output file for folders and manifests
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024  # files/members larger than this become error records
 _GLOB_CHARS = "*?["
 _TAR_BUFSIZE = 1 << 20  # bytes per read from the tar stream (the default is 10 KiB)
+SKIP_NOT_IMAGE = "not an image"  # skip reason: a folder file that is no image, tar or manifest
+MAX_SKIP_EXAMPLES = 5  # paths kept per skip reason
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,12 +95,32 @@ class Shard:
         return hashlib.sha256("\n".join(i for i, _ in self.items).encode("utf-8")).hexdigest()
 
 
+@dataclass
+class Listing:
+    """The shards of a run's inputs, and the files of input folders that were left out."""
+
+    shards: list[Shard]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> number of files
+    skipped_examples: dict[str, list[str]] = field(default_factory=dict)  # reason -> a few paths
+
+    def skip(self, reason: str, path: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        examples = self.skipped_examples.setdefault(reason, [])
+        if len(examples) < MAX_SKIP_EXAMPLES:
+            examples.append(path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Listing
 
 
 def list_shards(uris: str | Iterable[str], *, shard_size: int = DEFAULT_SHARD_SIZE) -> list[Shard]:
-    """Expand input URIs into shards, in a stable order.
+    """The shards of ``list_inputs`` (without the skipped-file counts)."""
+    return list_inputs(uris, shard_size=shard_size).shards
+
+
+def list_inputs(uris: str | Iterable[str], *, shard_size: int = DEFAULT_SHARD_SIZE) -> Listing:
+    """Expand input URIs into shards, in a stable order, counting the folder files left out.
 
     Args:
         uris: folders, tar files, manifests, single image files or glob patterns (local paths or
@@ -109,16 +133,43 @@ def list_shards(uris: str | Iterable[str], *, shard_size: int = DEFAULT_SHARD_SI
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    shards: list[Shard] = []
+    listing = Listing(shards=[])
     for uri in [uris] if isinstance(uris, str) else list(uris):
-        shards.extend(_list_one(uri, shard_size))
-    dupes = sorted(n for n, k in Counter(s.name for s in shards).items() if k > 1)
+        listing.shards.extend(_list_one(uri, shard_size, listing))
+    dupes = sorted(n for n, k in Counter(s.name for s in listing.shards).items() if k > 1)
     if dupes:
         raise ValueError(f"inputs give duplicate shards {dupes[:5]} (an input listed twice?)")
-    return shards
+    return listing
 
 
-def _list_one(uri: str, shard_size: int) -> list[Shard]:
+def check_input(uri: str) -> None:
+    """Cheap check of one input URI before a run (nothing is listed or read).
+
+    Raises:
+        FileNotFoundError: the path (or every match of a pattern) does not exist.
+        ValueError: it is a file of an unsupported type.
+    """
+    fs, path = url_to_fs(uri.rstrip("/") or uri)
+    if any(c in path for c in _GLOB_CHARS):
+        if not fs.glob(path):
+            raise FileNotFoundError(f"no file matches {uri}")
+        return
+    if not fs.exists(path):
+        raise FileNotFoundError(f"input not found: {uri}")
+    if not fs.isdir(path) and not _has_suffix(
+        path, TAR_SUFFIXES + MANIFEST_SUFFIXES + IMAGE_EXTENSIONS
+    ):
+        raise ValueError(_unsupported(uri))
+
+
+def _unsupported(given: str) -> str:
+    return (
+        f"unsupported input {given}: expected a folder, a tar file ({', '.join(TAR_SUFFIXES)}), "
+        f"a manifest ({', '.join(MANIFEST_SUFFIXES)}) or an image ({', '.join(IMAGE_EXTENSIONS)})"
+    )
+
+
+def _list_one(uri: str, shard_size: int, listing: Listing) -> list[Shard]:
     uri = uri.rstrip("/") or uri
     fs, path = url_to_fs(uri)
     if any(c in path for c in _GLOB_CHARS):
@@ -133,14 +184,14 @@ def _list_one(uri: str, shard_size: int) -> list[Shard]:
         shards: list[Shard] = []
         for match in matches:
             given = f"{given_root}/{posixpath.relpath(match, root_path)}" if given_root else match
-            shards.extend(_list_path(fs, match, given, shard_size))
+            shards.extend(_list_path(fs, match, given, shard_size, listing))
         return shards
     if not fs.exists(path):
         raise FileNotFoundError(f"input not found: {uri}")
-    return _list_path(fs, path, uri, shard_size)
+    return _list_path(fs, path, uri, shard_size, listing)
 
 
-def _list_path(fs: Any, path: str, given: str, shard_size: int) -> list[Shard]:
+def _list_path(fs: Any, path: str, given: str, shard_size: int, listing: Listing) -> list[Shard]:
     """Shards of one existing path (``given`` = its URI in the user's spelling)."""
     if fs.isdir(path):
         files = sorted(fs.find(path))
@@ -152,6 +203,8 @@ def _list_path(fs: Any, path: str, given: str, shard_size: int) -> list[Shard]:
                 tars.append(_tar_shard(f"{given}/{rel}", _full_uri(fs, found)))
             elif _has_suffix(found, IMAGE_EXTENSIONS):
                 images.append((rel, _full_uri(fs, found)))
+            else:
+                listing.skip(SKIP_NOT_IMAGE, f"{given}/{rel}")
         stem = posixpath.basename(path.rstrip("/")) or "root"
         return tars + _groups("folder", stem, given, _full_uri(fs, path), images, shard_size)
     if _has_suffix(path, TAR_SUFFIXES):
@@ -170,10 +223,7 @@ def _list_path(fs: Any, path: str, given: str, shard_size: int) -> list[Shard]:
             [(name, _full_uri(fs, path))],
             shard_size,
         )
-    raise ValueError(
-        f"unsupported input {given}: expected a folder, a tar file ({', '.join(TAR_SUFFIXES)}), "
-        f"a manifest ({', '.join(MANIFEST_SUFFIXES)}) or an image ({', '.join(IMAGE_EXTENSIONS)})"
-    )
+    raise ValueError(_unsupported(given))
 
 
 def _tar_shard(given: str, full: str) -> Shard:

@@ -18,6 +18,7 @@ from schemas.labels import (
     read_parquet,
     rows_to_table,
     validate_table,
+    with_label_metadata,
     write_parquet,
 )
 
@@ -39,5 +40,6 @@ __all__ = [
     "rle",
     "rows_to_table",
     "validate_table",
+    "with_label_metadata",
     "write_parquet",
 ]

@@ -298,6 +298,19 @@ def _validate_masks(
                 raise SchemaError(f"{at}.rle: {reason}")
 
 
+def with_label_metadata(
+    table: pa.Table, *, vocabulary: Mapping[str, Any], extra: Mapping[str, Any] | None = None
+) -> pa.Table:
+    """``table`` with the label key-value metadata: the schema version, the vocabulary as JSON
+    and ``extra`` as JSON (for example the shard's row count, so a reader can tell a complete
+    file)."""
+    metadata = dict(table.schema.metadata or {})
+    metadata[META_SCHEMA_VERSION] = SCHEMA_VERSION.encode()
+    metadata[META_VOCABULARY] = json.dumps(vocabulary, sort_keys=True).encode()
+    metadata[META_EXTRA] = json.dumps(dict(extra or {}), sort_keys=True).encode()
+    return table.replace_schema_metadata(metadata)
+
+
 def write_parquet(
     table: pa.Table,
     path: str | os.PathLike,
@@ -305,19 +318,12 @@ def write_parquet(
     vocabulary: Mapping[str, Any],
     extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``table`` to ``path`` atomically (temporary name in the same folder, then rename).
-
-    The key-value metadata holds the schema version, the vocabulary as JSON and ``extra`` as JSON
-    (for example the shard's row count, so a reader can tell a complete file).
-    """
+    """Write ``table`` to ``path`` atomically (temporary name in the same folder, then rename),
+    with the label metadata of ``with_label_metadata``."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    metadata = dict(table.schema.metadata or {})
-    metadata[META_SCHEMA_VERSION] = SCHEMA_VERSION.encode()
-    metadata[META_VOCABULARY] = json.dumps(vocabulary, sort_keys=True).encode()
-    metadata[META_EXTRA] = json.dumps(dict(extra or {}), sort_keys=True).encode()
-    table = table.replace_schema_metadata(metadata)
+    table = with_label_metadata(table, vocabulary=vocabulary, extra=extra)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
     try:
         pq.write_table(table, tmp, compression="zstd")
@@ -327,9 +333,12 @@ def write_parquet(
             os.remove(tmp)
 
 
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The label metadata of a Parquet file: schema_version, vocabulary, extra, num_rows."""
-    meta = pq.read_metadata(os.fspath(path))
+def read_metadata(path: str | os.PathLike, *, filesystem=None) -> dict:
+    """The label metadata of a Parquet file: schema_version, vocabulary, extra, num_rows.
+
+    ``filesystem``: a ``pyarrow.fs.FileSystem`` that ``path`` is on (default: the local one).
+    """
+    meta = pq.read_metadata(os.fspath(path), filesystem=filesystem)
     kv = meta.metadata or {}
     return {
         "schema_version": kv.get(META_SCHEMA_VERSION, b"").decode() or None,
@@ -339,10 +348,13 @@ def read_metadata(path: str | os.PathLike) -> dict:
     }
 
 
-def read_parquet(path: str | os.PathLike) -> tuple[pa.Table, dict]:
-    """Read a labels file; return the table (cast to ``LABELS_V1``) and its label metadata."""
-    table = pq.read_table(os.fspath(path))
-    info = read_metadata(path)
+def read_parquet(path: str | os.PathLike, *, filesystem=None) -> tuple[pa.Table, dict]:
+    """Read a labels file; return the table (cast to ``LABELS_V1``) and its label metadata.
+
+    ``filesystem``: a ``pyarrow.fs.FileSystem`` that ``path`` is on (default: the local one).
+    """
+    table = pq.read_table(os.fspath(path), filesystem=filesystem)
+    info = read_metadata(path, filesystem=filesystem)
     if info["schema_version"] != SCHEMA_VERSION:
         raise SchemaError(
             f"{path}: schema version {info['schema_version']!r}, this code reads {SCHEMA_VERSION!r}"

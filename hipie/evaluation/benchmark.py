@@ -35,7 +35,7 @@ from hipie.evaluation.metrics import (
     panoptic_quality,
     part_label_map,
 )
-from hipie.training.scene import (
+from hipie.synthetic.scene import (
     CATEGORIES,
     PART_CLASSES,
     PART_OF_SUBPART,

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from schemas.panoptic import id_to_rgb, rgb_to_id
+
 __all__ = [
     "APResult",
     "MIoUResult",
@@ -43,19 +45,7 @@ VOID = 0  # panoptic id of unlabeled pixels
 _OFFSET = 1 << 32  # pairs (gt id, pred id) packed into one int64: gt * OFFSET + pred
 
 
-# --------------------------------------------------------------------------- panoptic format
-def rgb_to_id(rgb: np.ndarray) -> np.ndarray:
-    """COCO-panoptic PNG colours `(H, W, 3)` uint8 -> segment ids `(H, W)` int64 (R + 256 G + 256^2 B)."""
-    rgb = np.asarray(rgb).astype(np.int64)
-    return rgb[..., 0] + 256 * rgb[..., 1] + 256 * 256 * rgb[..., 2]
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids `(H, W)` (< 256^3) -> COCO-panoptic PNG colours `(H, W, 3)` uint8."""
-    ids = np.asarray(ids).astype(np.int64)
-    if ids.size and (ids.min() < 0 or ids.max() >= 256**3):
-        raise ValueError("panoptic ids must be in [0, 256^3)")
-    return np.stack([ids % 256, (ids // 256) % 256, ids // (256 * 256)], axis=-1).astype(np.uint8)
+# panoptic format: segment ids <-> PNG colours live in the label contract (schemas.panoptic)
 
 
 # --------------------------------------------------------------------------- panoptic quality

@@ -3,7 +3,7 @@
 A `TrainSample` is one image with hierarchical ground truth in original image coordinates
 (things, stuff, parts with their instance, referring expressions). Two sources make them:
 
-- `SyntheticDataset`: scenes of `hipie.training.synthetic.SceneGenerator` (scene i of a seed);
+- `SyntheticDataset`: scenes of `hipie.synthetic.generator.SceneGenerator` (scene i of a seed);
 - `CocoPanopticDataset` (panoptic JSON + PNGs, optional `parts.json` / `referring.json` in the
   layout `write_coco_panoptic` writes) and `CocoInstancesDataset` (instances JSON, RLE or
   polygon segmentations: things only).
@@ -28,8 +28,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from hipie.box_ops import box_xyxy_to_cxcywh, masks_to_boxes
-from hipie.training.criterion import SegmentTargets
-from hipie.training.synthetic import (
+from hipie.synthetic.generator import (
     PART_CLASSES,
     STUFF_CLASSES,
     THING_CLASSES,
@@ -37,6 +36,7 @@ from hipie.training.synthetic import (
     SceneConfig,
     SceneGenerator,
 )
+from hipie.training.criterion import SegmentTargets
 
 __all__ = [
     "Batch",

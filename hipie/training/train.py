@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from hipie.synthetic.generator import SceneConfig, SceneGenerator
 from hipie.training.criterion import CriterionConfig, SetCriterion, build_criterion
 from hipie.training.data import (
     Batch,
@@ -48,7 +49,6 @@ from hipie.training.data import (
     resize_sample,
     sample_from_scene,
 )
-from hipie.training.synthetic import SceneConfig, SceneGenerator
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate_synthetic", "load_config", "train"]
 

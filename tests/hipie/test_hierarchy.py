@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from pycocotools import mask as mask_utils
 
@@ -118,3 +119,20 @@ def test_compose_and_split_part_labels() -> None:
     for label in prompts:
         thing, part = split_part_label(label, ["dog", "potted plant"])
         assert f"{thing} {part}" == label
+
+
+def test_restrict_to_parent_parts_one_rule():
+    """Relabel among the parent's parts with the score scaled by p_new / p_old; a label already
+    allowed keeps its score; no mass on the parent's parts: everything kept, keep = False."""
+    from hipie.hierarchy import restrict_to_parent_parts
+
+    probs = torch.tensor([[0.3, 0.1, 0.6], [0.4, 0.6, 0.0], [0.0, 0.0, 1.0]])
+    scores = torch.tensor([0.6, 0.5, 0.4])
+    labels = torch.tensor([2, 1, 2])
+    allowed = torch.tensor([[True, True, False]] * 3)
+    p, s, lab, keep = restrict_to_parent_parts(probs, scores, labels, allowed)
+    assert keep.tolist() == [True, True, False]
+    assert lab.tolist() == [0, 1, 2]
+    assert s.tolist() == pytest.approx([0.6 * 0.3 / 0.6, 0.5, 0.4])
+    assert p[0].tolist() == pytest.approx([0.75, 0.25, 0.0])
+    assert p[1].tolist() == pytest.approx([0.4, 0.6, 0.0]) and p[2].tolist() == [0.0, 0.0, 1.0]

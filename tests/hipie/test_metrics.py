@@ -272,7 +272,7 @@ def _bbox(mask):
 
 def test_evaluate_scenes_with_ground_truth_answers_is_perfect():
     from hipie.evaluation.benchmark import evaluate_scenes
-    from hipie.training.synthetic import SceneConfig, SceneGenerator
+    from hipie.synthetic.generator import SceneConfig, SceneGenerator
 
     scenes = list(SceneGenerator(SceneConfig(width=96, height=80), seed=5).scenes(0, 3))
     out = evaluate_scenes(_Oracle(scenes), scenes)
@@ -299,8 +299,8 @@ def test_part_miou_groups_subparts_into_their_parts():
     """mIoU_PartS scores a subpart as its part: an answer that labels every subpart with its
     part's class is perfect there, and loses exactly the subpart classes in `miou_fine`."""
     from hipie.evaluation.benchmark import GROUPED_PART_CLASSES, evaluate_scenes, group_part_map
-    from hipie.training.scene import PART_CLASSES, PART_OF_SUBPART
-    from hipie.training.synthetic import SceneConfig, SceneGenerator
+    from hipie.synthetic.generator import SceneConfig, SceneGenerator
+    from hipie.synthetic.scene import PART_CLASSES, PART_OF_SUBPART
 
     assert PART_OF_SUBPART["robot eye"] == "robot head"
     assert PART_OF_SUBPART["car hubcap"] == "car wheel"

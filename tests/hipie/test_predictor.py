@@ -182,7 +182,7 @@ def test_hierarchy_asks_only_for_each_things_parts(predictor, photo):
 
 def test_hierarchy_uses_the_given_part_groups():
     """The shipped tiny model on synthetic scenes: the coarse level comes from `part_groups`."""
-    from hipie.training.synthetic import SceneGenerator
+    from hipie.synthetic.generator import SceneGenerator
     from pipeline.vocabulary import load_vocabulary
 
     vocab = load_vocabulary("synthetic")

@@ -14,7 +14,7 @@ from pycocotools import mask as mask_utils
 
 from hipie.evaluate import main as evaluate_main
 from hipie.evaluation.metrics import rgb_to_id
-from hipie.training.synthetic import (
+from hipie.synthetic.generator import (
     CATEGORIES,
     COLORS,
     HELD_OUT_COMPOSITIONS,

@@ -9,6 +9,13 @@ import numpy as np
 import pytest
 import torch
 
+from hipie.synthetic.generator import (
+    STUFF_CLASSES,
+    THING_CLASSES,
+    SceneConfig,
+    SceneGenerator,
+    write_coco_panoptic,
+)
 from hipie.training.data import (
     CocoInstancesDataset,
     CocoPanopticDataset,
@@ -17,13 +24,6 @@ from hipie.training.data import (
     part_targets,
     referring_targets,
     sample_from_scene,
-)
-from hipie.training.synthetic import (
-    STUFF_CLASSES,
-    THING_CLASSES,
-    SceneConfig,
-    SceneGenerator,
-    write_coco_panoptic,
 )
 from hipie.training.train import STATE_FILE, TrainConfig, lr_factor, train
 

@@ -57,6 +57,14 @@ def exif_rotated_jpeg(height: int = 10, width: int = 20, orientation: int = 6) -
     return encode(pixels, "JPEG", quality=95, exif=exif.tobytes())
 
 
+def two_frame_gif(height: int = 24, width: int = 32) -> bytes:
+    """An animated GIF: a red first frame, then a blue one (sources label the first frame)."""
+    frames = [Image.new("RGB", (width, height), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    return buf.getvalue()
+
+
 def png_chunk(kind: bytes, payload: bytes) -> bytes:
     """One PNG chunk: length, type, payload, CRC."""
     return (
@@ -165,6 +173,8 @@ class BadCorpus:
     """Paths of the corpus and the expected outcome of each of its records."""
 
     folder: Path  # image folder input
+    # files of the folder that are no images: skipped by the sources and counted by reason
+    skipped: dict[str, int]
     tar: Path  # SA-1B-style tar with bad members
     truncated_tar: Path  # a tar cut inside a member's data
     outside: Path  # where escaping members would land if extracted: must never exist
@@ -207,12 +217,13 @@ def build_bad_corpus(root: Path) -> BadCorpus:
         "sub/nested.webp": encode(rgb, "WEBP", lossless=True),
         "sub/picture.bmp": encode(rgb, "BMP"),
         "sub/scan.tiff": encode(rgb, "TIFF"),
+        "anim.gif": two_frame_gif(24, 32),
         "corrupt.jpg": bytes(np.random.default_rng(1).integers(0, 256, 600, dtype=np.uint8)),
         "truncated.jpg": encode(gradient_rgb(64, 64), "JPEG")[:700],
         "empty.png": b"",
         "text.jpg": b"this is a text file, not a JPEG\n",
         "bomb.png": png_header_only(40_000, 40_000),
-        "notes.txt": b"not an image: sources skip it\n",
+        "notes.txt": b"not an image: sources skip it (and count it)\n",
     }
     for name, data in files.items():
         (folder / name).write_bytes(data)
@@ -227,6 +238,7 @@ def build_bad_corpus(root: Path) -> BadCorpus:
         "sub/nested.webp",
         "sub/picture.bmp",
         "sub/scan.tiff",
+        "anim.gif",
     ):
         ok("folder", image_id, (24, 32))
     ok("folder", "exif_rotated.jpg", (20, 10))
@@ -280,4 +292,5 @@ def build_bad_corpus(root: Path) -> BadCorpus:
     ok("truncated_tar", "sa_10", (h, w), 1)
     ok("truncated_tar", "sa_11", (h, w), 1)
     bad("truncated_tar", "sa_12", "source", "truncated tar")
-    return BadCorpus(folder, tar_path, truncated_path, outside, tuple(expected))
+    skipped = {"not an image": 1}  # notes.txt
+    return BadCorpus(folder, skipped, tar_path, truncated_path, outside, tuple(expected))

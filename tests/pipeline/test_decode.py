@@ -16,7 +16,11 @@ from pipeline.decode import (
     SamMask,
     _validate_counts,
     decode_image,
+    decode_image_for_model,
     decode_sam_json,
+    model_input_size,
+    pack_sam_masks,
+    unpack_sam_masks,
 )
 from tests.pipeline.badinputs import (
     encode,
@@ -305,3 +309,57 @@ def test_counts_parser_matches_dense_masks():
         rles = mask_utils.encode(np.asfortranarray(np.stack(masks, axis=2)))
         areas = _validate_counts([r["counts"].decode() for r in rles], height * width)
         assert areas.tolist() == [int(m.sum()) for m in masks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Images resized for the model in the decode task; SAM masks packed for the labeler
+
+
+def _photo(height: int, width: int) -> np.ndarray:
+    yy, xx = np.mgrid[:height, :width]
+    return np.stack([xx * 255 // width, yy * 255 // height, (xx + yy) % 256], -1).astype(np.uint8)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_decode_for_model_resizes_and_keeps_the_images_size(fmt):
+    pixels = _photo(1500, 2250)
+    data = encode(pixels, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    small, size = decode_image_for_model(data, max_side=320)
+    assert size == (1500, 2250)
+    assert small.shape == (213, 320, 3) and small.dtype == np.uint8
+    expected = np.asarray(Image.fromarray(pixels).resize((320, 213), Image.BILINEAR), np.int32)
+    assert np.abs(small.astype(np.int32) - expected).mean() < 2.0  # DCT-scaled for JPEG
+    full, size = decode_image_for_model(data, max_side=4000)  # already small enough
+    assert size == (1500, 2250) and full.shape == (1500, 2250, 3)
+    assert model_input_size(1500, 2250, 320) == (213, 320)
+    assert model_input_size(100, 50, 320) == (100, 50)
+
+
+@pytest.mark.parametrize("orientation", [1, 6, 8])
+def test_decode_for_model_turns_the_size_with_exif_orientation(orientation):
+    data = exif_rotated_jpeg(400, 800, orientation=orientation)
+    full = decode_image(data)
+    small, size = decode_image_for_model(data, max_side=100)
+    assert size == full.shape[:2]
+    assert small.shape[:2] == model_input_size(*size, 100)
+    red_first = small[: small.shape[0] // 4, : small.shape[1] // 4].reshape(-1, 3).mean(0)
+    red_full = full[: full.shape[0] // 4, : full.shape[1] // 4].reshape(-1, 3).mean(0)
+    assert np.abs(red_first - red_full).max() < 20  # same content, same orientation
+
+
+def test_sam_masks_pack_and_unpack():
+    masks = decode_sam_json(sam_json(1, 24, 32, [(2, 5, 3, 9), (0, 24, 0, 1)]), 32, 24)
+    masks = [masks[0], SamMask(**{**masks[1].__dict__, "predicted_iou": None})]
+    counts, meta = pack_sam_masks(masks)
+    records = unpack_sam_masks(counts, meta, 24, 32)
+    assert [r["rle"] for r in records] == [m.rle for m in masks]
+    assert [r["bbox"] for r in records] == [list(m.bbox) for m in masks]
+    assert [r["area"] for r in records] == [m.area for m in masks]
+    assert records[1]["predicted_iou"] is None
+    assert records[0]["stability_score"] == masks[0].stability_score
+    assert unpack_sam_masks(*pack_sam_masks([]), 24, 32) is None
+    zero_last = [SamMask(**{**masks[0].__dict__, "stability_score": 0.0})]
+    counts, meta = pack_sam_masks(zero_last)
+    stripped = np.array([meta], dtype=object).astype(bytes)[0]  # numpy "S" drops the zeros
+    assert len(stripped) < len(meta)
+    assert unpack_sam_masks(counts, stripped, 24, 32)[0]["stability_score"] == 0.0

@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline import fiftyone_app, fiftyone_io
+from tests.pipeline.conftest import write_labels
 
 LEVELS = ("instances", "stuff", "parts", "subparts")
 
@@ -88,3 +89,26 @@ def test_ingest_sets_instance_labels_margins_colours_and_saved_views(
     }
     assert all(again[label] == colours[label] for label in present)
     assert {"zebra", "aardvark"} <= set(again)
+
+
+def test_samples_whose_image_cannot_be_shown_are_errors_not_in_needs_review(
+    fiftyone_db, label_rows, coco_rows, coco_sample, dataset_name, tmp_path
+):
+    import copy
+
+    from fiftyone import ViewField as F
+
+    # labels fine (parts with top-2 scores, so it has a margin), image gone: tag media-error only
+    gone = copy.deepcopy(next(r for r in label_rows if r["image_id"] == "439180"))
+    gone.update(image_id="gone-1", uri=str(coco_sample / "input_images" / "moved-away.jpg"))
+    labels = write_labels(label_rows + [gone], tmp_path / "labels", coco_rows[1])
+    dataset, result = fiftyone_io.ingest_labels(labels, dataset_name, media_dir=tmp_path / "media")
+    assert result.media_errors == 2  # gone-1 and the error row's missing file
+
+    tags = dict(zip(*dataset.values(["image_id", "tags"])))
+    assert tags["gone-1"] == [fiftyone_io.MEDIA_ERROR_TAG]
+    assert dataset.match(F("image_id") == "gone-1").values("min_margin")[0] is not None
+    needs = dataset.load_saved_view("needs review").values("image_id")
+    assert "gone-1" not in needs and "broken-1" not in needs
+    assert set(needs) == {"439180", "142238", "sa_1"}
+    assert sorted(dataset.load_saved_view("errors").values("image_id")) == ["broken-1", "gone-1"]

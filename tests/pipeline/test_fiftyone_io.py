@@ -27,7 +27,8 @@ def _by_image(dataset, field):
 
 
 def test_ingest_counts_parents_masks_and_media(fiftyone_db, dataset_name, labels_dir, label_rows):
-    from pipeline.fiftyone_io import _full_mask, ingest_labels
+    from pipeline.fiftyone_io import ingest_labels
+    from pipeline.fiftyone_read import full_mask
 
     dataset, result = ingest_labels(labels_dir, dataset_name)
     assert (result.added, result.unchanged, result.versioned, result.errors) == (4, 0, 0, 1)
@@ -39,8 +40,8 @@ def test_ingest_counts_parents_masks_and_media(fiftyone_db, dataset_name, labels
     }
     assert counts == EXPECTED
 
-    # error rows: tagged, with the reason
-    assert dataset.count_sample_tags() == {"label-error": 1}
+    # error rows: tagged, with the reason (broken-1's image file does not exist either)
+    assert dataset.count_sample_tags() == {"label-error": 1, "media-error": 1}
     errors = dataset.match_tags("label-error")
     assert errors.values("image_id") == ["broken-1"]
     assert errors.values("label_error") == ["image decode failed: file not found"]
@@ -64,11 +65,11 @@ def test_ingest_counts_parents_masks_and_media(fiftyone_db, dataset_name, labels
         x, y, bw, bh = (int(v) for v in source[det.mask_id]["bbox"])
         assert det.mask.shape == (bh, bw)  # cropped to the box, FiftyOne's convention
         assert np.allclose(det.bounding_box, [x / w, y / h, bw / w, bh / h])
-        assert np.array_equal(_full_mask(det, w, h), rle.decode(source[det.mask_id]["rle"]))
+        assert np.array_equal(full_mask(det, w, h), rle.decode(source[det.mask_id]["rle"]))
     for det in sample.parts.detections:
         parent = instances[det.parent_id]
         assert det.parent_mask_id == source[det.mask_id]["parent_id"] == parent.mask_id
-        part_mask, parent_mask = _full_mask(det, w, h), _full_mask(parent, w, h)
+        part_mask, parent_mask = full_mask(det, w, h), full_mask(parent, w, h)
         assert part_mask.any() and not (part_mask & ~parent_mask).any()
         assert det.topk_labels == ["top", "bottom"] and np.allclose(det.topk_scores, [0.75, 0.25])
         assert det.confidence == 0.75
@@ -96,7 +97,8 @@ def test_second_ingest_duplicates_nothing(fiftyone_db, dataset_name, labels_dir)
 def test_reviewed_and_edited_samples_survive_a_new_run(
     fiftyone_db, dataset_name, labels_dir, label_rows, coco_rows, tmp_path
 ):
-    from pipeline.fiftyone_io import ingest_labels, read_rows
+    from pipeline.fiftyone_io import ingest_labels
+    from pipeline.fiftyone_read import read_rows
 
     dataset, _ = ingest_labels(labels_dir, dataset_name)
     # a reviewer renames the first instance of 142238 and tags it reviewed; another edits 439180
@@ -121,7 +123,9 @@ def test_reviewed_and_edited_samples_survive_a_new_run(
     assert first["142238"][0] == "referee" and first["439180"][0] == "rider"
     assert set(first["142238"][1:]) == {"person", "sports ball"}
     assert set(first["sa_1"]) == {"human"}  # untouched: replaced in place
-    assert set(first["broken-1"]) == {"human"} and dataset.count_sample_tags() == {"reviewed": 1}
+    assert set(first["broken-1"]) == {"human"}
+    # the replaced error sample keeps its image path, which still does not exist
+    assert dataset.count_sample_tags() == {"reviewed": 1, "media-error": 1}
     second = _by_image(dataset, "instances_v2.detections.label")
     assert set(second["142238"]) == {"human"} and set(second["439180"]) == {"human"}
     assert second["sa_1"] is None
@@ -154,7 +158,8 @@ def test_reviewed_and_edited_samples_survive_a_new_run(
 
 def test_read_back_equals_the_ingested_rows(fiftyone_db, dataset_name, labels_dir, label_rows):
     import schemas
-    from pipeline.fiftyone_io import ingest_labels, read_rows
+    from pipeline.fiftyone_io import ingest_labels
+    from pipeline.fiftyone_read import read_rows
 
     dataset, _ = ingest_labels(labels_dir, dataset_name)
     rows, reviewed = read_rows(dataset)

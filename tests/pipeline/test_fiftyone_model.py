@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hipie.training.synthetic import SceneGenerator
+from hipie.synthetic.generator import SceneGenerator
 
 LEVELS = ("instances", "stuff", "parts", "subparts")
 LEVEL_OF = {"instances": "instance", "stuff": "stuff", "parts": "part", "subparts": "subpart"}

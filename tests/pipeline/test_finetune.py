@@ -41,7 +41,7 @@ from PIL import Image
 
 import schemas
 from hipie.evaluation.metrics import PanopticImage, panoptic_quality
-from hipie.training.synthetic import CATEGORIES, SceneConfig, SceneGenerator, category_id
+from hipie.synthetic.generator import CATEGORIES, SceneConfig, SceneGenerator, category_id
 from pipeline.finetune import FinetuneConfig, run_finetune, shard_indices
 from pipeline.finetune_data import (
     row_to_sample,

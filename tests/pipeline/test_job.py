@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 import schemas
@@ -221,3 +222,32 @@ def test_killed_driver_then_rerun_has_no_missing_and_no_duplicated_rows(ray_loca
     rows = _rows(out)
     ids = [r["image_id"] for r in rows]
     assert sorted(ids) == [f"img_{i:03d}.png" for i in range(n)]
+
+
+def test_rerun_ignores_and_removes_orphan_part_files(ray_local, tmp_path):
+    """Part files that no record names (left by a killed driver or a dead actor) are never
+    counted: the rerun removes them and writes each image exactly once."""
+    from pipeline import parts, sources
+
+    folder = _photo_folder(tmp_path / "photos", 4)
+    out = tmp_path / "labels"
+    config = _config([folder], out, folder_shard_size=2)
+    # Orphans for both shards of the folder: bogus error rows, under the real shard names.
+    names = [s.name for s in sources.list_shards([str(folder)], shard_size=2)]
+    for name, ids in zip(names, (["img_000.png", "img_001.png"], ["img_002.png"])):
+        rows = [
+            schemas.make_error_row(image_id=i, uri="orphan", shard=name, error="orphan")
+            for i in ids
+        ]
+        batch = schemas.rows_to_table(rows)
+        batch = batch.append_column(parts.END, pa.array([False] * len(ids)))
+        batch = batch.append_column(parts.COUNT, pa.array([0] * len(ids), pa.int64()))
+        parts.write_parts(batch, output=str(out))
+    assert len(list((out / parts.PARTS_DIR).rglob("*.parquet"))) == 2
+
+    summary = run_label_job(config, progress=False)
+    assert not (out / parts.PARTS_DIR).exists()
+    rows = _rows(out)
+    assert sorted(r["image_id"] for r in rows) == [f"img_{i:03d}.png" for i in range(4)]
+    assert all(r["status"] == "ok" and r["uri"] != "orphan" for r in rows)
+    assert summary.shards == 2 and summary.images_ok == 4 and summary.images_error == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import tarfile
 
 import numpy as np
@@ -11,8 +10,9 @@ import pyarrow as pa
 import pytest
 
 import schemas
-from hipie.training.synthetic import SceneGenerator, write_sa1b_shard
+from hipie.synthetic.generator import SceneGenerator, write_sa1b_shard
 from pipeline import sources
+from pipeline.decode import unpack_sam_masks
 from pipeline.job import COUNT, END, LabelJobConfig, decode_record, read_shard
 from pipeline.labeler import Labeler, replace_classes
 from pipeline.vocabulary import Vocabulary
@@ -88,9 +88,12 @@ def test_labeler_turns_records_into_schema_rows(labeler, tmp_path):
     assert rows[2][COUNT] == 2
     ok, bad = rows[0], rows[1]
     assert (ok["status"], ok["image_id"]) == ("ok", "sa_1")
-    sam_json = json.loads(records[0]["sam_masks"])
-    assert len(ok["masks"]) == len(sam_json) > 0  # one label per SA-1B mask, none dropped
-    assert [m["rle"] for m in ok["masks"]] == [m["rle"] for m in sam_json]
+    sam = unpack_sam_masks(
+        records[0]["sam_counts"], records[0]["sam_meta"], records[0]["height"], records[0]["width"]
+    )
+    assert len(ok["masks"]) == len(sam) > 0  # one label per SA-1B mask, none dropped
+    assert [m["rle"] for m in ok["masks"]] == [m["rle"] for m in sam]
+    assert [m["bbox"] for m in ok["masks"]] == [m["bbox"] for m in sam]
     assert {m["origin"] for m in ok["masks"]} == {"sam"}
     assert all(m["level"] in schemas.LEVELS for m in ok["masks"])
     assert (bad["status"], bad["image_id"]) == ("error", "sa_9")
@@ -131,3 +134,50 @@ def test_parts_are_labeled_among_their_things_parts(tmp_path):
                     assert m["label"] in allowed | {"other"}, (m["label"], thing)
                     checked += 1
     assert checked >= 10  # the shipped model finds parts on these scenes
+
+
+def test_images_resized_in_the_decode_task_get_labels_at_their_own_size(tmp_path):
+    """The decode task ships the image at the model's size: rows keep the image's own size, every
+    RLE (SAM's and HIPIE's, upsampled straight to the RLE) is of that size, and the SAM masks are
+    the json's."""
+    from pipeline.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary("synthetic")
+    labeler = Labeler(
+        LabelJobConfig(
+            inputs=(), output="unused", vocabulary_json=vocab.to_json(), checkpoint="tiny"
+        )
+    )
+    tar = tmp_path / "sa_000000.tar"
+    write_sa1b_shard(SceneGenerator(seed=5).scenes(0, 2), tar)
+    shard = sources.list_shards([str(tar)])[0]
+    records = [
+        decode_record(r, max_pixels=10**8, max_side=100)
+        for r in read_shard({"index": 0}, shards=[shard])
+    ]
+    assert records[0]["image"].shape == (100, 100, 3)
+    assert (records[0]["height"], records[0]["width"]) == (256, 256)
+    with_sam = {k: np.array([r[k] for r in records], dtype=object) for k in records[0]}
+    hipie_only = dict(with_sam, sam_counts=np.array([""] * len(records), dtype=object))
+    for batch in (with_sam, hipie_only):
+        table = labeler(batch)
+        rows = [r for r in table.to_pylist() if not r[END]]
+        assert [(r["status"], r["width"], r["height"]) for r in rows] == [("ok", 256, 256)] * 2
+        for row in rows:
+            assert row["masks"] and all(m["rle"]["size"] == [256, 256] for m in row["masks"])
+            for m in row["masks"]:
+                assert m["area"] == rle.area(m["rle"])
+                assert m["bbox"] == rle.bbox(m["rle"])
+        schemas.validate_table(table.drop_columns([END, COUNT]).slice(0, 2).cast(schemas.LABELS_V1))
+    sam = unpack_sam_masks(records[1]["sam_counts"], records[1]["sam_meta"], 256, 256)
+    rows = [r for r in labeler(with_sam).to_pylist() if not r[END]]
+    from_sam = [m["rle"] for m in rows[1]["masks"] if m["origin"] == "sam"]
+    assert from_sam and all(r in [s["rle"] for s in sam] for r in from_sam)
+
+
+def test_model_input_side_from_the_config_alone(tmp_path):
+    from pipeline.labeler import model_input_side
+
+    assert model_input_side("tiny") == 320
+    assert model_input_side("random:r50") == 1024
+    assert model_input_side(str(tmp_path / "release.pth")) is None  # unknown: full size

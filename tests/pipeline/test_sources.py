@@ -15,7 +15,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.decode import ImageDecodeError, MaskDecodeError, decode_image, decode_sam_json
-from pipeline.sources import ImageRecord, Shard, iter_shard, iter_source, list_shards, read_uri
+from pipeline.sources import (
+    ImageRecord,
+    Shard,
+    iter_shard,
+    iter_source,
+    list_inputs,
+    list_shards,
+    read_uri,
+)
 from tests.pipeline.badinputs import (
     add_member,
     add_symlink,
@@ -59,16 +67,33 @@ def test_folder_recursive_sorted_grouped(tmp_path):
         "m.jpeg": JPG,
         "notes.txt": b"skipped",
         "b/data.json": b"{}",
+        "b/anim.gif": b"gif?",
+        "zz.png": PNG,
     }
     for name, data in files.items():
         (root / name).write_bytes(data)
-    shards = list_shards([str(root)], shard_size=2)
-    ids = ["a.JPG", "b/deep/c.tiff", "b/x.webp", "b/y.bmp", "m.jpeg", "z.png"]
+    listing = list_inputs([str(root)], shard_size=2)
+    shards = listing.shards
+    # nothing vanishes: the files that are no images are counted, with their paths
+    assert listing.skipped == {"not an image": 2}
+    assert listing.skipped_examples == {
+        "not an image": [f"{root}/b/data.json", f"{root}/notes.txt"]
+    }
+    ids = [
+        "a.JPG",
+        "b/anim.gif",
+        "b/deep/c.tiff",
+        "b/x.webp",
+        "b/y.bmp",
+        "m.jpeg",
+        "z.png",
+        "zz.png",
+    ]
     prefix = f"photos-{h8(str(root))}"
-    assert [s.name for s in shards] == [f"{prefix}-00000", f"{prefix}-00001", f"{prefix}-00002"]
-    assert [[i for i, _ in s.items] for s in shards] == [ids[0:2], ids[2:4], ids[4:6]]
+    assert [s.name for s in shards] == [f"{prefix}-{i:05d}" for i in range(4)]
+    assert [[i for i, _ in s.items] for s in shards] == [ids[0:2], ids[2:4], ids[4:6], ids[6:8]]
     assert all(s.kind == "folder" and s.uri == str(root) and s.expected == 2 for s in shards)
-    assert shards[0].fingerprint == hashlib.sha256(b"a.JPG\nb/deep/c.tiff").hexdigest()
+    assert shards[0].fingerprint == hashlib.sha256(b"a.JPG\nb/anim.gif").hexdigest()
     assert list_shards(str(root), shard_size=2) == shards  # deterministic
     records = list(iter_source(str(root), shard_size=2))
     assert [r.image_id for r in records] == ids
@@ -372,7 +397,9 @@ def test_records_and_shards_pickle(tmp_path):
 def test_bad_corpus_every_record_as_expected(tmp_path):
     corpus = build_bad_corpus(tmp_path / "corpus")
     before = tree(tmp_path)
-    shards = list_shards(corpus.inputs, shard_size=4)
+    listing = list_inputs(corpus.inputs, shard_size=4)
+    shards = listing.shards
+    assert listing.skipped == corpus.skipped
     assert [s.kind for s in shards].count("tar") == 2
     outcomes = {}
     for shard in shards:

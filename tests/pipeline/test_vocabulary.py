@@ -231,6 +231,6 @@ def test_shipped_thing_parts():
     mine = merge(Vocabulary.from_lists(things=["robot"]), parts)
     assert mine.thing_parts == () and len(mine.part_prompts()) == len(parts.parts)
     synthetic = load_vocabulary("synthetic")
-    from hipie.training.scene import PART_CLASSES
+    from hipie.synthetic.scene import PART_CLASSES
 
     assert sorted(synthetic.part_prompts()) == sorted(PART_CLASSES)

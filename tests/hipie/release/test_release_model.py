@@ -85,3 +85,21 @@ def test_grounding_top1(predictor, photo):
     ref = predictor.refer(photo, f.inputs["passes"]["ref"]["expressions"])
     assert len(ref.instances) == 1 and ref.sem_seg is None
     check_instances(ref.instances, f, "ref", max_pixels=8)
+
+
+def test_convert_cli_round_trip(tmp_path, predictor, photo):
+    """`python -m hipie.convert` writes safetensors that load back to the same outputs."""
+    from hipie.convert import main
+    from hipie.release_build import is_release_folder, load_release_folder
+
+    path = write_release_checkpoint("r50", tmp_path / "r50_parts.pth")
+    assert main(["--official", str(path), "--out", str(tmp_path / "ours")]) == 0
+    assert is_release_folder(tmp_path / "ours") and not is_release_folder(tmp_path)
+    model = load_release_folder(tmp_path / "ours")
+    for (k, a), b in zip(model.state_dict().items(), predictor.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert main(["--official", str(tmp_path / "missing.pth"), "--out", str(tmp_path / "x")]) == 2
+    from hipie import build_hipie
+    from hipie.modeling.hipie_release import HipieRelease
+
+    assert isinstance(build_hipie(checkpoint=str(tmp_path / "ours")), HipieRelease)

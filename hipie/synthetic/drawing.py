@@ -2,7 +2,7 @@
 rasterisation of the part templates and their texture styles.
 
 All randomness comes from the `np.random.Generator` passed in, so a scene is a pure function of
-its seed. Used by `hipie.training.synthetic.SceneGenerator`.
+its seed. Used by `hipie.synthetic.generator.SceneGenerator`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from hipie.training.scene import (
+from hipie.synthetic.scene import (
     COLORS,
     HELD_OUT_COMPOSITIONS,
     ROLE_COLORS,

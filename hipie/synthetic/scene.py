@@ -1,8 +1,8 @@
 """The world of the synthetic scenes: classes, part templates, held-out compositions, and the
 typed containers of a generated scene (`Scene`, `SceneSegment`, `ScenePart`, `SceneConfig`).
 
-Generation lives in `hipie.training.synthetic` (which re-exports everything public here) and
-drawing in `hipie.training.scene_drawing`.
+Generation lives in `hipie.synthetic.generator` (which re-exports everything public here) and
+drawing in `hipie.synthetic.drawing`.
 """
 
 from __future__ import annotations

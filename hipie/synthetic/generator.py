@@ -13,7 +13,7 @@ generalisation to novel compositions of seen parts and styles.
 Writers: COCO panoptic (PNG + JSON, plus `parts.json` and `referring.json`) and SA-1B style tar
 shards (`sa_<n>.jpg` + `sa_<n>.json` with class-agnostic COCO RLE masks).
 
-`python -m hipie.training.synthetic --out DIR --num-images N --seed S [--sa1b-shards K]
+`python -m hipie.synthetic --out DIR --num-images N --seed S [--sa1b-shards K]
 [--width W --height H] [--held-out]` writes a dataset.
 """
 
@@ -30,8 +30,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from hipie.evaluation.metrics import id_to_rgb
-from hipie.training.scene import (
+from hipie.synthetic.drawing import (
+    Canvas,
+    ThingPlan,
+    plan_thing,
+    stuff_layout,
+    stuff_texture,
+    try_place,
+)
+from hipie.synthetic.scene import (
     CATEGORIES,
     COLORS,
     HELD_OUT_COMPOSITIONS,
@@ -47,14 +54,7 @@ from hipie.training.scene import (
     category_id,
     mask_bbox,
 )
-from hipie.training.scene_drawing import (
-    Canvas,
-    ThingPlan,
-    plan_thing,
-    stuff_layout,
-    stuff_texture,
-    try_place,
-)
+from schemas.panoptic import id_to_rgb
 
 __all__ = [
     "CATEGORIES",
@@ -337,7 +337,7 @@ def write_sa1b_shard(scenes: Iterable[Scene], tar_path: str | Path, *, first_ind
 # --------------------------------------------------------------------------- CLI
 def main(argv: Sequence[str] | None = None) -> int:
     """Write a synthetic dataset (COCO panoptic, and SA-1B shards when asked)."""
-    parser = argparse.ArgumentParser(prog="python -m hipie.training.synthetic")
+    parser = argparse.ArgumentParser(prog="python -m hipie.synthetic")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--num-images", type=int, required=True, help="number of scenes")
     parser.add_argument("--seed", type=int, default=0, help="generator seed")

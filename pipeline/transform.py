@@ -1,0 +1,150 @@
+"""HIPIE labeling as a Ray Data transform: ``label_dataset(ds, config)`` turns a Ray Dataset of
+images into a Dataset of label rows (the columns of ``schemas.LABELS_V1``), to compose with your
+own Ray Data pipeline::
+
+    ds = ray.data.read_images("photos/", mode="RGB", include_paths=True)
+    labels = label_dataset(ds, config)          # lazy, streaming
+    labels.write_parquet("s3://bucket/labels/") # or .iter_batches(), .filter(), ...
+
+Input columns (other columns are ignored):
+
+- the image: ``image`` (an (H, W[, C]) array, what ``ray.data.read_images`` gives), or ``data``
+  (the encoded file's bytes), or ``uri`` (read in the decode task through fsspec: local paths,
+  ``s3://``, ``gs://``, ``tar://<tar>#<member>``);
+- optional: ``image_id`` (default: the file name of ``path`` / ``uri``, else a hash of the
+  pixels), ``path`` (``read_images(include_paths=True)``, used as the row's ``uri``), ``shard``
+  (default: the ``shard`` argument), ``sam_json`` (an SA-1B annotation json, bytes or str: its
+  masks are labeled instead of HIPIE's own or SAM's).
+
+Every input row becomes one label row; an image that cannot be read or decoded becomes an
+``error`` row. ``python -m jobs.label`` runs the same transform on its reader's records (with
+the shards' end markers kept, ``keep_markers=True``) before writing part files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline import sources
+from pipeline.job import COUNT, EMPTY_IMAGE, END, MARKER_COLUMNS, LabelJobConfig, decode_record
+
+DEFAULT_SHARD = "dataset"
+
+
+def to_record(
+    row: dict,
+    *,
+    image_column: str = "image",
+    uri_column: str = "uri",
+    masks_column: str = "sam_json",
+    shard: str = DEFAULT_SHARD,
+) -> dict:
+    """A user's row as a reader record of ``pipeline.job`` (see the module docstring)."""
+    pixels = row.get(image_column)
+    pixels = EMPTY_IMAGE if pixels is None else np.asarray(pixels)
+    uri = str(row.get(uri_column) or row.get("path") or "")
+    image_id = str(row.get("image_id") or "")
+    if not image_id and uri:
+        image_id = posixpath.basename(uri.rstrip("/").split("#")[-1]) or uri
+    if not image_id and pixels.size:
+        digest = hashlib.sha1(np.ascontiguousarray(pixels).tobytes()).hexdigest()[:16]
+        image_id = f"{digest}.png"
+    sam = row.get(masks_column)
+    rec = {
+        "shard": str(row.get("shard") or shard),
+        "image_id": image_id,
+        "uri": uri,
+        "pixels": pixels,
+        "data": b"",
+        "sam_json": sam if sam is not None else b"",
+        "has_sam_json": sam is not None and len(sam) > 0,
+        "error": "",
+        END: False,
+        COUNT: 0,
+    }
+    if pixels.size:
+        return rec
+    data = row.get("data")
+    if data is not None and len(data):
+        rec["data"] = bytes(data)
+    elif uri:
+        try:
+            rec["data"] = sources.read_uri(uri)
+        except Exception as exc:  # noqa: BLE001 - a row that cannot be read is an error row
+            rec["error"] = f"cannot read {uri}: {type(exc).__name__}: {exc}"
+    else:
+        rec["error"] = f"no image: the row has no {image_column!r}, 'data' or {uri_column!r}"
+    return rec
+
+
+def prepare_row(row: dict, *, max_pixels: int, max_side: int | None, **columns) -> dict:
+    """Ray map: a user's row or a job reader's record, decoded for the labeler."""
+    if END not in row:
+        row = to_record(row, **columns)
+    return decode_record(row, max_pixels=max_pixels, max_side=max_side)
+
+
+def drop_markers(batch: pa.Table) -> pa.Table:
+    """Ray map_batches: the label rows without the job's end markers and marker columns."""
+    keep = pc.invert(batch.column(END))
+    return batch.filter(keep).drop_columns(list(MARKER_COLUMNS))
+
+
+def label_dataset(
+    ds,
+    config: LabelJobConfig,
+    *,
+    image_column: str = "image",
+    uri_column: str = "uri",
+    masks_column: str = "sam_json",
+    shard: str = DEFAULT_SHARD,
+    keep_markers: bool = False,
+):
+    """Label the images of a Ray Dataset with HIPIE; returns a lazy Dataset of label rows.
+
+    Args:
+        ds: a ``ray.data.Dataset`` with an image column (see the module docstring).
+        config: the model, vocabulary and Ray resources (``inputs`` and ``output`` are not used).
+        image_column, uri_column, masks_column: names of the input columns.
+        shard: the ``shard`` value of rows that have no ``shard`` column.
+        keep_markers: keep the end-marker rows and columns (``pipeline.job``'s use).
+    Returns:
+        A ``ray.data.Dataset`` with the ``schemas.LABELS_V1`` columns, one row per input row
+        (in no particular order).
+    """
+    import ray
+
+    from pipeline.labeler import Labeler, model_input_side
+
+    # Images are resized to the model's size in the decode tasks, unless SAM makes masks from
+    # them in the labeler (at the image's own size).
+    side = None if config.sam_checkpoint else model_input_side(config.checkpoint)
+    ds = ds.map(
+        prepare_row,
+        fn_kwargs={
+            "max_pixels": config.max_pixels,
+            "max_side": side,
+            "image_column": image_column,
+            "uri_column": uri_column,
+            "masks_column": masks_column,
+            "shard": shard,
+        },
+    ).map_batches(
+        Labeler,
+        fn_constructor_kwargs={"config": config},
+        batch_size=config.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=config.actors),
+        num_cpus=config.cpus_per_actor,
+        num_gpus=config.gpus_per_actor,
+        batch_format="numpy",
+        # Ray Data restarts a dead labeler actor and retries its batches by default
+        # (max_restarts=-1, max_task_retries=-1): tests/pipeline/test_job.py kills one.
+    )
+    if keep_markers:
+        return ds
+    return ds.map_batches(drop_markers, batch_size=None, batch_format="pyarrow")
