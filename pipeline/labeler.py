@@ -277,7 +277,10 @@ class Labeler:
                         }
                         for m in masks
                     ]
-        side = self.predictor.config.test_size
+        # Our predictor takes the longer side to its test size, so images go in at that size;
+        # the released architecture resizes the shortest edge itself (min_size / max_size, as
+        # released), so its images go in at their own size.
+        side = getattr(self.predictor.config, "test_size", None)
         hierarchies = self._hierarchy([resize_to_model(im, side) for im in images])
         results = []
         for h, sam, size in zip(hierarchies, sam_lists, sizes):
