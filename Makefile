@@ -11,7 +11,7 @@ export FIFTYONE_DATABASE_VALIDATION := false
 export RAY_USAGE_STATS_ENABLED := 0
 DEMO_DIR ?= demo_output
 
-.PHONY: install browser test test-all demo lint format bench clean
+.PHONY: install browser s3rver test test-all demo lint format bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,11 +28,19 @@ browser:
 	   (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1)) ; } || \
 	  echo "chromium not installed: the browser test will be skipped"
 
+# A local S3-compatible server (s3rver, from npm) for the object-storage test, in .s3rver/.
+# Best effort: without node and npm that test is skipped and says why.
+S3RVER := .s3rver/node_modules/.bin/s3rver
+s3rver:
+	@test -x $(S3RVER) || { command -v npm >/dev/null && \
+	  npm install --silent --no-audit --no-fund --prefix .s3rver s3rver@3.7.1 >/dev/null 2>&1 ; } || \
+	  echo "s3rver not installed: the object-storage test will be skipped"
+
 # Every test except those marked slow (large presets at full size on CPU): see `make test-all`.
-test: $(STAMP) browser
+test: $(STAMP) browser s3rver
 	$(PY) -m pytest -m "not slow" -q
 
-test-all: $(STAMP) browser
+test-all: $(STAMP) browser s3rver
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
@@ -47,4 +55,4 @@ format: $(STAMP)
 	$(VENV)/bin/ruff check --fix hipie pipeline jobs schemas tests bench
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .s3rver $(DEMO_DIR) .pytest_cache .ruff_cache *.egg-info

@@ -54,16 +54,17 @@ def existing_folder(path: str, option: str) -> Path:
     return p
 
 
-def label_files(path: str, option: str = "--labels") -> list[Path]:
+def label_files(path: str, option: str = "--labels") -> list[Path] | list[str]:
     """The label Parquet files under ``path`` (a file or a folder); a UsageError when there are
     none."""
     from pipeline.export import label_files as find
+    from pipeline.storage import is_uri
 
-    if not Path(path).exists():
+    if not is_uri(path) and not Path(path).exists():
         raise UsageError(f"{option} {path}: no such file or folder")
     try:
         return find(path)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, OSError, ValueError) as e:  # also: an unreachable URI
         raise UsageError(f"{option} {path}: {one_line(e)}") from None
 
 

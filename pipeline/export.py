@@ -44,6 +44,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 import schemas
+from pipeline import storage
 from schemas import rle as rle_utils
 from schemas.panoptic import id_to_rgb
 
@@ -62,22 +63,48 @@ class ExportResult:
 
 
 # --------------------------------------------------------------------------- inputs
-def label_files(labels: str | os.PathLike) -> list[Path]:
+def _is_label_file(relative: str) -> bool:
+    """Whether a path under the labels folder is a committed label file: ``*.parquet``, not a
+    temporary file or a reviewed flag file, not under a folder named "_..." or "..." (the
+    labeling job's ``_parts/`` of shards not yet committed)."""
+    *folders, name = relative.replace("\\", "/").split("/")
+    return (
+        name.endswith(".parquet")
+        and not name.startswith(".")
+        and not name.endswith(".reviewed.parquet")
+        and not any(d.startswith(("_", ".")) for d in folders)
+    )
+
+
+def label_files(labels: str | os.PathLike) -> list[Path] | list[str]:
     """The label Parquet files under a folder (or the file itself), sorted; temporary files and
     anything under a folder named "_..." or "..." (the labeling job's ``_parts/`` of shards not
-    yet committed) are skipped."""
+    yet committed) are skipped. ``labels`` may be a URI (``s3://bucket/labels?...``): the files
+    are then URIs too (readable by ``schemas.read_parquet``)."""
+    if storage.is_uri(labels):
+        return _label_uris(os.fspath(labels))
     root = Path(labels)
     if root.is_file():
         return [root]
     files = sorted(
-        p
-        for p in root.rglob("*.parquet")
-        if not p.name.startswith(".")
-        and not p.name.endswith(".reviewed.parquet")
-        and not any(d.startswith(("_", ".")) for d in p.relative_to(root).parts[:-1])
+        p for p in root.rglob("*.parquet") if _is_label_file(p.relative_to(root).as_posix())
     )
     if not files:
         raise FileNotFoundError(f"no .parquet label files under {root}")
+    return files
+
+
+def _label_uris(labels: str) -> list[str]:
+    fs, base = storage.resolve(labels)
+    if base.endswith(".parquet"):  # one file (no stat of the folder: not every server can)
+        return [labels]
+    files = []
+    for entry in storage.list_dir(fs, base, recursive=True):
+        relative = entry.path[len(base) :].lstrip("/")
+        if entry.type == storage.pafs.FileType.File and _is_label_file(relative):
+            files.append(storage.uri_join(labels, relative))
+    if not files:
+        raise FileNotFoundError(f"no .parquet label files under {labels}")
     return files
 
 

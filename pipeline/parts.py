@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -162,11 +163,20 @@ class ShardCommitter:
     """Driver side: takes part records, and starts a commit task for each shard they complete.
 
     ``commit`` is the remote function (``ray.remote(commit_shard)``) or, without Ray, a plain
-    function returning the stats. Memory: per open shard, its part paths and image ids.
+    function returning the stats. At most ``max_in_flight`` commit tasks run at once; the other
+    complete shards wait in a queue (each a few part paths), so a burst of small shards starts
+    neither a burst of worker processes nor a connection to each in the driver. Memory: per open
+    or queued shard, its part paths and image ids.
     """
 
     def __init__(
-        self, output: str, shards: list[Shard], *, vocabulary: Vocabulary, commit=None
+        self,
+        output: str,
+        shards: list[Shard],
+        *,
+        vocabulary: Vocabulary,
+        commit=None,
+        max_in_flight: int = 2,
     ) -> None:
         self.output = output
         self.shards = {s.name: s for s in shards}
@@ -174,6 +184,8 @@ class ShardCommitter:
         self.commit = commit
         self.open: dict[str, _Open] = {}
         self.pending: dict[object, str] = {}  # commit task ref -> shard
+        self.queue: deque[tuple[tuple, dict]] = deque()  # complete shards' commit arguments
+        self.max_in_flight = max(1, max_in_flight)
         self.written: list[sinks.ShardStats] = []
         self.started = time.perf_counter()
 
@@ -207,19 +219,29 @@ class ShardCommitter:
         if self.commit is None or not hasattr(self.commit, "remote"):
             self.written.append((self.commit or commit_shard)(*args, **kwargs))
         else:
-            self.pending[self.commit.remote(*args, **kwargs)] = name
+            self.queue.append((args, kwargs))
+            self._launch()
+
+    def _launch(self) -> None:
+        while self.queue and len(self.pending) < self.max_in_flight:
+            args, kwargs = self.queue.popleft()
+            self.pending[self.commit.remote(*args, **kwargs)] = args[1].name
 
     def poll(self, *, wait: bool = False) -> None:
-        """Collect finished commits (all of them with ``wait``); a failed commit raises."""
-        if not self.pending:
-            return
+        """Collect finished commits and start queued ones; with ``wait``, until all are done.
+        A failed commit raises."""
         import ray
 
-        refs = list(self.pending)
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=None if wait else 0)
-        for ref in done:
-            del self.pending[ref]
-            self.written.append(ray.get(ref))
+        while self.pending:
+            refs = list(self.pending)
+            ready = len(refs) if not wait else 1
+            done, _ = ray.wait(refs, num_returns=ready, timeout=None if wait else 0)
+            for ref in done:
+                del self.pending[ref]
+                self.written.append(ray.get(ref))
+            self._launch()
+            if not wait:
+                return
 
     def incomplete(self) -> dict[str, tuple[int, int | None]]:
         """Shards still open: name -> (images accounted for, images expected or None)."""

@@ -125,7 +125,7 @@ def output_path(output_dir: str | os.PathLike, shard: Shard | str) -> Path | str
     """``<output_dir>/<shard name>.parquet``: a Path for a local folder, a URI string for a URI."""
     name = shard_name(shard)
     if storage.is_uri(output_dir):
-        return storage.join(os.fspath(output_dir), f"{name}{OUTPUT_SUFFIX}")
+        return storage.uri_join(output_dir, f"{name}{OUTPUT_SUFFIX}")
     return Path(output_dir) / f"{name}{OUTPUT_SUFFIX}"
 
 

@@ -34,6 +34,13 @@ def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(location)
 
 
+def uri_join(location: str | os.PathLike, *names: str) -> str:
+    """``location/name/...`` for a path or a URI (before a URI's ``?query``)."""
+    location = os.fspath(location)
+    head, sep, query = location.partition("?")
+    return join(head, *names) + sep + query
+
+
 def join(base: str, *names: str) -> str:
     """``base/name/...`` with "/" separators (what pyarrow.fs paths use everywhere)."""
     return "/".join([base.rstrip("/"), *names])
@@ -74,10 +81,10 @@ def remove_file(fs: pafs.FileSystem, path: str) -> None:
 
 def _write_atomic(fs: pafs.FileSystem, path: str, write) -> None:
     parent, _, name = path.rpartition("/")
-    fs.create_dir(parent, recursive=True)
-    if not renames(fs):
+    if not renames(fs):  # object stores: no folders to make, no rename
         write(path)
         return
+    fs.create_dir(parent, recursive=True)
     tmp = join(parent, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         write(tmp)

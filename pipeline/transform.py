@@ -95,6 +95,12 @@ def drop_markers(batch: pa.Table) -> pa.Table:
     return batch.filter(keep).drop_columns(list(MARKER_COLUMNS))
 
 
+def _model_input_side(checkpoint: str) -> int | None:
+    from pipeline.labeler import model_input_side
+
+    return model_input_side(checkpoint)
+
+
 def label_dataset(
     ds,
     config: LabelJobConfig,
@@ -119,11 +125,14 @@ def label_dataset(
     """
     import ray
 
-    from pipeline.labeler import Labeler, model_input_side
+    from pipeline.labeler import Labeler
 
     # Images are resized to the model's size in the decode tasks, unless SAM makes masks from
-    # them in the labeler (at the image's own size).
-    side = None if config.sam_checkpoint else model_input_side(config.checkpoint)
+    # them in the labeler (at the image's own size). The size is read in a task: finding it
+    # imports the model's package (torch, ~470 MB), which the driver never needs.
+    side = None
+    if not config.sam_checkpoint:
+        side = ray.get(ray.remote(num_cpus=0)(_model_input_side).remote(config.checkpoint))
     ds = ds.map(
         prepare_row,
         fn_kwargs={
