@@ -179,5 +179,5 @@ def test_model_input_side_from_the_config_alone(tmp_path):
     from pipeline.labeler import model_input_side
 
     assert model_input_side("tiny") == 320
-    assert model_input_side("random:r50") == 1024
+    assert model_input_side("random:r50") is None  # the release resizes the shortest edge itself
     assert model_input_side(str(tmp_path / "release.pth")) is None  # unknown: full size
