@@ -85,6 +85,10 @@ class ReleaseHierarchyConfig:
     postprocess: ReleaseThresholds = field(default_factory=ReleaseThresholds)
     min_size: int = 1024  # shortest edge at inference (the release's INPUT.MIN_SIZE_TEST)
     max_size: int = 2048
+    # The longer side callers may shrink images to before the predictor sees them (the old
+    # family's test size). None: images come at their own size, and the release resizes them
+    # itself and returns its masks at that size, as it does.
+    test_size: int | None = None
 
 
 def _vote_policy(vote_max_side: int | None) -> HipiePredictor:
@@ -253,9 +257,10 @@ class ReleaseHierarchyPredictor:
             [image], things, stuff, parts, thing_parts=thing_parts, part_groups=part_groups
         )[0]
 
-    def vote_from_hierarchy(self, h: Segments, sam, things: Sequence[str]) -> Segments:
-        """Eq. 5 onto class-agnostic masks: `HipiePredictor.vote_from_hierarchy`, unchanged."""
-        return self._policy.vote_from_hierarchy(h, sam, things)
+    def vote_from_hierarchy(self, h: Segments, sam, things: Sequence[str], **options) -> Segments:
+        """Eq. 5 onto class-agnostic masks: `HipiePredictor.vote_from_hierarchy` (and its
+        `options`), unchanged."""
+        return self._policy.vote_from_hierarchy(h, sam, things, **options)
 
 
 def object_segments(
