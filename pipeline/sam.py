@@ -124,7 +124,7 @@ def _build_tiny_sam(checkpoint: str | None = None) -> Sam:
             for mlp in sam.mask_decoder.output_hypernetworks_mlps:
                 mlp.layers[-1].weight.mul_(200.0)
     if checkpoint is not None:
-        sam.load_state_dict(torch.load(checkpoint, map_location="cpu"))
+        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     return sam.eval()
 
 
