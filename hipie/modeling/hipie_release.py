@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hipie.modeling.image_input import PIXEL_MEAN, PIXEL_STD, batch_images, normalize
 from hipie.modeling.input_proj import InputProjection
 from hipie.modeling.language import GROUNDING_POSITIVE_MAP, ReleaseTextEncoder
 from hipie.modeling.maskdino_decoder import MaskDINODecoderOutput
@@ -73,8 +74,8 @@ class HipieRelease(nn.Module):
         stuff: StuffBranch,
         hidden_dim: int = 256,
         num_levels: int = 4,
-        pixel_mean: Sequence[float] = (123.675, 116.28, 103.53),
-        pixel_std: Sequence[float] = (58.395, 57.12, 57.375),
+        pixel_mean: Sequence[float] = PIXEL_MEAN,
+        pixel_std: Sequence[float] = PIXEL_STD,
     ) -> None:
         super().__init__()
         self.backbone = backbone
@@ -86,36 +87,21 @@ class HipieRelease(nn.Module):
         # The release pads a batch to a multiple of the backbone's size divisibility: 32 for its
         # ViT, none for its ResNet (one R50 image is not padded at all).
         self.size_divisibility = int(getattr(backbone, "size_divisibility", 32))
-        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(3, 1, 1), False)
-        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(3, 1, 1), False)
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
 
     @property
     def device(self) -> torch.device:
-        return self.pixel_mean.device
+        return next(self.thing.parameters()).device
 
     @property
     def dtype(self) -> torch.dtype:
         return next(self.thing.parameters()).dtype
 
     # ------------------------------------------------------------------------------ images
-    def batch(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Resized RGB images (3, h_i, w_i), uint8 or float 0-255 -> normalized, zero-padded
-        batch (B, 3, H, W) (H, W multiples of the backbone's size divisibility), padding mask (B, H, W), sizes [(h_i, w_i)]."""
-        sizes = [(int(x.shape[-2]), int(x.shape[-1])) for x in images]
-        d = max(self.size_divisibility, 1)
-        h = -(-max(s[0] for s in sizes) // d) * d
-        w = -(-max(s[1] for s in sizes) // d) * d
-        out = torch.zeros(len(images), 3, h, w, device=self.device)
-        mask = torch.ones(len(images), h, w, dtype=torch.bool, device=self.device)
-        for i, (x, (ih, iw)) in enumerate(zip(images, sizes)):
-            x = x.to(self.device, torch.float32)
-            out[i, :, :ih, :iw] = (x - self.pixel_mean) / self.pixel_std
-            mask[i, :ih, :iw] = False
-        return out, mask, sizes
-
     def encode_image(self, images: Sequence[torch.Tensor]) -> ImageEncoding:
         """Backbone, thing input projections and the stuff branch's image part, once per image."""
-        batch, mask, sizes = self.batch(images)
+        normalized = [normalize(x.to(self.device), self.pixel_mean, self.pixel_std) for x in images]
+        batch, mask, sizes = batch_images(normalized, self.size_divisibility)
         batch = batch.to(self.dtype)
         feats = self.backbone(batch)
         srcs, masks = self.input_proj([feats[k] for k in BACKBONE_LEVELS], mask)

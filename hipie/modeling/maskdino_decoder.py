@@ -28,11 +28,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hipie.modeling.common import MLP, inverse_sigmoid, sine_embed
-from hipie.modeling.deform_attn import MSDeformAttn
+from hipie.modeling.deformable_layers import DeformableDecoderLayer, FeatureResizer
 
 
 @dataclass
@@ -52,54 +51,13 @@ class MaskDINODecoderOutput:
     topk_indices: torch.Tensor  # (B, Q) selected proposals (decoder level order)
 
 
-class FeatureResizer(nn.Module):
-    """768 -> 256 label encoder of the release's denoising training (`resizer`); unused here."""
-
-    def __init__(self, in_dim: int = 768, out_dim: int = 256) -> None:
-        super().__init__()
-        self.fc = nn.Linear(in_dim, out_dim)
-        self.layer_norm = nn.LayerNorm(out_dim, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer_norm(self.fc(x))
-
-
-class DecoderLayer(nn.Module):
-    """Post-norm layer: self-attention (norm2), deformable cross-attention (norm1), FFN (norm3)."""
-
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, num_levels: int, num_points: int):
-        super().__init__()
-        self.cross_attn = MSDeformAttn(
-            dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
-        )
-        self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.norm3 = nn.LayerNorm(dim)
-
-    def forward(
-        self,
-        tgt: torch.Tensor,
-        query_pos: torch.Tensor,
-        ref: torch.Tensor,
-        memory: torch.Tensor,
-        shapes: torch.Tensor,
-    ) -> torch.Tensor:
-        q = tgt + query_pos
-        # need_weights stays at its default, as in the release: that path computes the softmax
-        # explicitly and reproduces the release bit for bit (the fused kernel is ~1e-6 off).
-        tgt = self.norm2(tgt + self.self_attn(q, q, tgt)[0])
-        tgt = self.norm1(tgt + self.cross_attn(tgt + query_pos, ref, memory, shapes))
-        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
-
-
 class _DecoderStack(nn.Module):
     """The release's `TransformerDecoder` container: `layers`, `norm`, `ref_point_head`,
     `bbox_embed` (the last two shared with the parent, as in the release)."""
 
-    def __init__(self, layers: Sequence[DecoderLayer], norm: nn.LayerNorm, dim: int) -> None:
+    def __init__(
+        self, layers: Sequence[DeformableDecoderLayer], norm: nn.LayerNorm, dim: int
+    ) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
         self.norm = norm
@@ -164,7 +122,8 @@ class MaskDINODecoder(nn.Module):
         self.mask_embed = MLP(in_dim=dim, hidden_dim=dim, out_dim=mask_dim, num_layers=3)
         self.decoder_norm = nn.LayerNorm(dim)
         layers = [
-            DecoderLayer(dim, ffn_dim, num_heads, num_levels, num_points) for _ in range(num_layers)
+            DeformableDecoderLayer(dim, ffn_dim, num_heads, num_levels, num_points)
+            for _ in range(num_layers)
         ]
         self.decoder = _DecoderStack(layers, self.decoder_norm, dim)
         self._bbox_embed = MLP(in_dim=dim, hidden_dim=dim, out_dim=4, num_layers=3)

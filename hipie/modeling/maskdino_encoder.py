@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hipie.modeling.common import sine_embed
-from hipie.modeling.deform_attn import MSDeformAttn
+from hipie.modeling.deformable_layers import DeformableEncoderLayer
 
 FEATURE_NAMES = ("res3", "res4", "res5")
 
@@ -63,30 +63,10 @@ class ConvNorm(nn.Conv2d):
         return F.relu(x) if self.relu else x
 
 
-class EncoderLayer(nn.Module):
-    """Post-norm deformable self-attention layer (`MSDeformAttnTransformerEncoderLayer`)."""
-
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, num_levels: int, num_points: int):
-        super().__init__()
-        self.self_attn = MSDeformAttn(
-            dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
-        )
-        self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(
-        self, src: torch.Tensor, pos: torch.Tensor, ref: torch.Tensor, shapes: torch.Tensor
-    ) -> torch.Tensor:
-        src = self.norm1(src + self.self_attn(src + pos, ref, src, shapes))
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
-
-
 class _EncoderStack(nn.Module):
     """Holds `layers` so that keys read `transformer.encoder.layers.N.*` as in the release."""
 
-    def __init__(self, layers: Sequence[EncoderLayer]) -> None:
+    def __init__(self, layers: Sequence[DeformableEncoderLayer]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
 
@@ -100,7 +80,10 @@ class DeformableEncoder(nn.Module):
         super().__init__()
         self.level_embed = nn.Parameter(torch.zeros(num_levels, dim))
         self.encoder = _EncoderStack(
-            [EncoderLayer(dim, ffn_dim, num_heads, num_levels, points) for _ in range(num_layers)]
+            [
+                DeformableEncoderLayer(dim, ffn_dim, num_heads, num_levels, points)
+                for _ in range(num_layers)
+            ]
         )
 
     @staticmethod

@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from hipie.modeling.common import MLP, inverse_sigmoid
+from hipie.modeling.deformable_layers import FeatureResizer
 from hipie.modeling.dynamic_mask import MaskFeatureHead, dynamic_mask_logits, num_dynamic_params
-from hipie.modeling.thing_transformer import FeatureResizer, ThingTransformer
+from hipie.modeling.thing_transformer import ThingTransformer
 
 # release key prefix -> ThingBranch key prefix
 RELEASE_PREFIXES: dict[str, str] = {

@@ -23,11 +23,14 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hipie.modeling.common import MLP, inverse_sigmoid, sine_embed
-from hipie.modeling.deform_attn import MSDeformAttn
+from hipie.modeling.deformable_layers import (
+    DeformableDecoderLayer,
+    DeformableEncoderLayer,
+    FeatureResizer,
+)
 from hipie.modeling.vl_align import VLAlign
 from hipie.modeling.vl_fusion import VLFuse
 
@@ -59,18 +62,6 @@ def valid_ratios(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack([valid_w, valid_h], -1)
 
 
-class FeatureResizer(nn.Module):
-    """Linear map + LayerNorm(eps 1e-12) (the release's `FeatureResizer`, dropout 0 at test)."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.fc = nn.Linear(in_dim, out_dim)
-        self.layer_norm = nn.LayerNorm(out_dim, eps=1e-12)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer_norm(self.fc(x))
-
-
 class ProposalScorer(nn.Module):
     """Text-free objectness of encoder tokens (release: `Still_Classifier`, a Linear `body`)."""
 
@@ -82,57 +73,13 @@ class ProposalScorer(nn.Module):
         return self.body(x)
 
 
-class ThingEncoderLayer(nn.Module):
-    """Deformable self-attention + FFN, each followed by residual and LayerNorm."""
-
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, num_levels: int, num_points: int):
-        super().__init__()
-        self.self_attn = MSDeformAttn(
-            dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
-        )
-        self.norm1 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.norm2 = nn.LayerNorm(dim)
-
-    def forward(self, src, pos, reference_points, spatial_shapes, padding_mask):
-        attn = self.self_attn(src + pos, reference_points, src, spatial_shapes, padding_mask)
-        src = self.norm1(src + attn)
-        return self.norm2(src + self.linear2(F.relu(self.linear1(src))))
-
-
-class ThingDecoderLayer(nn.Module):
-    """Self-attention, deformable cross-attention to the memory, FFN; post-norm each."""
-
-    def __init__(self, dim: int, ffn_dim: int, num_heads: int, num_levels: int, num_points: int):
-        super().__init__()
-        self.cross_attn = MSDeformAttn(
-            dim=dim, num_heads=num_heads, num_levels=num_levels, num_points=num_points
-        )
-        self.norm1 = nn.LayerNorm(dim)
-        self.self_attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
-        self.norm2 = nn.LayerNorm(dim)
-        self.linear1 = nn.Linear(dim, ffn_dim)
-        self.linear2 = nn.Linear(ffn_dim, dim)
-        self.norm3 = nn.LayerNorm(dim)
-
-    def forward(self, tgt, query_pos, reference_points, memory, spatial_shapes, padding_mask):
-        q = tgt + query_pos
-        tgt = self.norm2(tgt + self.self_attn(q, q, tgt, need_weights=False)[0])
-        attn = self.cross_attn(
-            tgt + query_pos, reference_points, memory, spatial_shapes, padding_mask
-        )
-        tgt = self.norm1(tgt + attn)
-        return self.norm3(tgt + self.linear2(F.relu(self.linear1(tgt))))
-
-
 class ThingEncoder(nn.Module):
     """VL fusion before the first `num_vl_layers` layers, then deformable encoder layers."""
 
     def __init__(self, layer_args: dict, num_layers: int, num_vl_layers: int, vl_args: dict):
         super().__init__()
         self.vl_layers = nn.ModuleList(VLFuse(**vl_args) for _ in range(num_vl_layers))
-        self.layers = nn.ModuleList(ThingEncoderLayer(**layer_args) for _ in range(num_layers))
+        self.layers = nn.ModuleList(DeformableEncoderLayer(**layer_args) for _ in range(num_layers))
 
     @staticmethod
     def reference_points(spatial_shapes: list[tuple[int, int]], ratios: torch.Tensor):
@@ -171,7 +118,7 @@ class ThingDecoder(nn.Module):
 
     def __init__(self, dim: int, text_dim: int, num_layers: int, layer_args: dict):
         super().__init__()
-        self.layers = nn.ModuleList(ThingDecoderLayer(**layer_args) for _ in range(num_layers))
+        self.layers = nn.ModuleList(DeformableDecoderLayer(**layer_args) for _ in range(num_layers))
         self.ref_point_head = MLP(in_dim=2 * dim, hidden_dim=dim, out_dim=dim, num_layers=2)
         self.bbox_embed = nn.ModuleList(
             MLP(in_dim=dim, hidden_dim=dim, out_dim=4, num_layers=3) for _ in range(num_layers + 1)
