@@ -161,8 +161,9 @@ def write_release_checkpoint(config: str, path: Path, seed: int = 1) -> Path:
 class Fixture:
     """One fixture folder: `inputs.json` plus the named tensors of `reference.safetensors`."""
 
-    def __init__(self, config: str):
-        self.dir = require(FIXTURES / config)
+    def __init__(self, config_or_dir: str | Path):
+        folder = Path(config_or_dir)
+        self.dir = require(folder if folder.is_dir() else FIXTURES / str(config_or_dir))
         self.inputs = json.loads((self.dir / "inputs.json").read_text())
         self.summary = json.loads((self.dir / "summary.json").read_text())
         from safetensors import safe_open
@@ -187,9 +188,10 @@ class Fixture:
         return np.unpackbits(packed, axis=-1)[..., :width].astype(bool)
 
 
-@lru_cache(maxsize=2)
-def fixture(config: str) -> Fixture:
-    return Fixture(config)
+@lru_cache(maxsize=4)
+def fixture(config_or_dir: str | Path) -> Fixture:
+    """A shipped fixture by config name ("r50", "vit_h") or any fixture folder the tool wrote."""
+    return Fixture(config_or_dir)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str, rel: float = 1e-4):
