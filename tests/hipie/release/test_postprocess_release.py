@@ -8,6 +8,8 @@ head outputs of the random-weight runs.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -29,6 +31,10 @@ from hipie.postprocess_release import (
 )
 from tests.hipie.release.reference import assert_close, fixture
 from tests.hipie.release.synthetic_postproc import NUM_BG, synthetic_postproc_inputs
+
+# the shipped fixtures and one we generated with the oracle tool (seed 11, compact)
+OWN = str(Path(__file__).parent / "data" / "own_r50_seed11")
+FIXTURES = ["r50", "vit_h", OWN]
 
 
 def _int_keys(d: dict) -> dict:
@@ -60,7 +66,7 @@ def _assert_instances(f, prefix: str, inst, width: int, n_masks: int | None = No
 # postproc: synthetic compact objects through the whole inference
 
 
-@pytest.mark.parametrize("config", ["r50", "vit_h"])
+@pytest.mark.parametrize("config", FIXTURES, ids=lambda c: Path(c).name)
 def test_postproc_pass(config):
     f = fixture(config)
     meta = f.inputs["passes"]["postproc"]
@@ -122,7 +128,7 @@ def _thing_selection(f, name: str, task: str):
     return logits, boxes, select_instances(probs, boxes, 100 if task == "detection" else 1)
 
 
-@pytest.mark.parametrize("config", ["r50", "vit_h"])
+@pytest.mark.parametrize("config", FIXTURES, ids=lambda c: Path(c).name)
 @pytest.mark.parametrize("name", ["det", "part", "ref"])
 def test_real_pass_selection(config, name):
     """Token pooling -> probs -> NMS -> top-k -> boxes/scores/classes (+ masks where stored)."""
