@@ -235,3 +235,15 @@ def restrict_to_parent_parts(
         torch.where(keep, best, label_ids),
         keep,
     )
+
+
+def parent_part_columns(
+    vocabulary: Sequence[str], things: Sequence[str], parent_things: Sequence[str], device
+) -> torch.Tensor:
+    """(N, C) bool: for each of N parts, the `vocabulary` columns that are parts of its parent
+    thing (`parent_things[n]`), i.e. the labels "<thing> <part>" of that thing."""
+    ids = {thing: k for k, thing in enumerate(dict.fromkeys(parent_things))}
+    owner = [ids.get(split_part_label(name, things)[0], -1) for name in vocabulary]
+    columns = torch.tensor(owner, dtype=torch.long, device=device)
+    rows = torch.tensor([ids[t] for t in parent_things], dtype=torch.long, device=device)
+    return columns[None, :] == rows[:, None]

@@ -54,8 +54,9 @@ from hipie.postprocess_release import (
     keep_above,
     part_instance_masks,
 )
-from hipie.predictor import HipiePredictor, Segments
 from hipie.release_predictor import ReleasePredictor
+from hipie.segments import Segments
+from hipie.vote_policy import vote_onto_masks
 
 __all__ = [
     "ReleaseHierarchyConfig",
@@ -89,15 +90,6 @@ class ReleaseHierarchyConfig:
     # family's test size). None: images come at their own size, and the release resizes them
     # itself and returns its masks at that size, as it does.
     test_size: int | None = None
-
-
-def _vote_policy(vote_max_side: int | None) -> HipiePredictor:
-    """`HipiePredictor`'s SAM vote (Eq. 5, levels, parents, parts restricted to their parent's
-    parts, subparts) needs only `vote_max_side`, not a model; an instance without a model reuses
-    that policy unchanged until it has a module of its own (issue 11)."""
-    policy = HipiePredictor.__new__(HipiePredictor)
-    policy.vote_max_side = vote_max_side
-    return policy
 
 
 def pooled_distribution(
@@ -157,7 +149,7 @@ class ReleaseHierarchyPredictor:
             max_size=self.release.max_size,
         )
         self.vote_max_side = vote_max_side
-        self._policy = _vote_policy(vote_max_side)
+        self.vote_max_side = vote_max_side
         self.text_cache_size = text_cache_size
         self._prompts: OrderedDict[tuple, Prompt] = OrderedDict()
 
@@ -258,9 +250,9 @@ class ReleaseHierarchyPredictor:
         )[0]
 
     def vote_from_hierarchy(self, h: Segments, sam, things: Sequence[str], **options) -> Segments:
-        """Eq. 5 onto class-agnostic masks: `HipiePredictor.vote_from_hierarchy` (and its
-        `options`), unchanged."""
-        return self._policy.vote_from_hierarchy(h, sam, things, **options)
+        """Eq. 5 onto class-agnostic masks: `hipie.vote_policy.vote_onto_masks`, as for our own
+        predictor (`options`: `hipie_rles`, `method`)."""
+        return vote_onto_masks(h, sam, things, vote_max_side=self.vote_max_side, **options)
 
 
 def object_segments(

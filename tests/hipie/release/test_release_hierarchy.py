@@ -22,8 +22,8 @@ from hipie.hierarchy import split_part_label
 from hipie.modeling.hipie_release import HipieRelease
 from hipie.modeling.vl_align import token_to_class_logits
 from hipie.postprocess_release import class_logit_modes, keep_above, postprocess_release
-from hipie.predictor import HipiePredictor
 from hipie.release_hierarchy import ReleaseHierarchyPredictor, ReleaseThresholds, object_segments
+from hipie.vote_policy import fine_parts
 from pipeline.labeler import segments_to_masks
 from schemas import rle
 from tests.hipie.release.reference import SHARED, fixture, require, write_release_checkpoint
@@ -90,7 +90,7 @@ def test_instances_and_stuff_are_the_releases(hierarchy, demo):
 
 def test_parts_are_the_demos_part_masks(hierarchy, demo):
     (_, _, masks), prompts = demo
-    fine = sorted(HipiePredictor._fine_parts(hierarchy))  # the parts the vote uses
+    fine = sorted(fine_parts(hierarchy))  # the parts the vote uses
     assert len(masks) > 0
     assert [hierarchy.labels[i] for i in fine] == [prompts[m.part_class] for m in masks]
     for i, m in zip(fine, masks):
