@@ -146,6 +146,22 @@ def convert_state_dict(
     return out, skipped
 
 
+def official_prefixes(root: str) -> tuple[str, ...]:
+    """The official key prefixes that the table maps under our module `root` (e.g. "thing")."""
+    return tuple(official for official, ours in PREFIXES if ours.startswith(root + "."))
+
+
+def branch_state_dict(state: Mapping[str, torch.Tensor], root: str) -> dict[str, torch.Tensor]:
+    """The entries of a release state dict that the table maps under our module `root`, named as
+    that module's own keys (for loading one branch, e.g. "thing" or "stuff", on its own)."""
+    out = {}
+    for key, value in state.items():
+        ours = map_key(key)
+        if ours is not None and ours.startswith(root + "."):
+            out[ours[len(root) + 1 :]] = value
+    return out
+
+
 _HUB = re.compile(r"^[\w.-]+/[\w.-]+/[\w./-]+\.pth?$")
 
 

@@ -11,7 +11,8 @@ What the release feeds as `tokens` (`DDETRSegmUniDN.coco_inference`):
   768-d, one row per token;
 - grounding: one "token", the masked mean of the BERT features before fusion (`lang_feat_pool`).
 
-Release keys map by prefix (`RELEASE_PREFIXES`); `detr.mask_dino_criterion.*` is training-only.
+Release keys map by prefix (`hipie.release_checkpoint.PREFIXES`, root `stuff.`);
+`detr.mask_dino_criterion.*` is training-only.
 The 11 VL heads are all loaded; at inference only the last one shapes the outputs ([0..8] score
 the auxiliary layers, [9] the two-stage proposals, in training).
 """
@@ -28,14 +29,6 @@ from hipie.modeling.maskdino_decoder import MaskDINODecoder, MaskDINODecoderOutp
 from hipie.modeling.maskdino_encoder import MaskDINOEncoder
 from hipie.modeling.vl_align import MASKED_LOGIT, VLAlign
 
-# Official key prefix -> this module's key prefix (for a StuffBranch at the root).
-RELEASE_PREFIXES = {
-    "detr.mask_dino.": "",
-    "detr.mask_dino_cls_embed.": "cls_embed.",
-}
-# Official keys with no counterpart at inference.
-TRAINING_ONLY_PREFIXES = ("detr.mask_dino_criterion.",)
-
 
 @dataclass
 class StuffOutputs:
@@ -48,16 +41,6 @@ class StuffOutputs:
     mask_features: torch.Tensor  # (B, 256, H/4, W/4)
     levels: list[torch.Tensor]  # the encoder's 4 maps, strides 8, 16, 32, 64
     memory: torch.Tensor  # (B, S, 256) encoder output, levels flattened in that order
-
-
-def release_state_dict(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The stuff-branch entries of a release state dict, renamed to `StuffBranch` keys."""
-    out = {}
-    for key, value in state_dict.items():
-        for official, ours in RELEASE_PREFIXES.items():
-            if key.startswith(official):
-                out[ours + key[len(official) :]] = value
-    return out
 
 
 class StuffBranch(nn.Module):

@@ -4,8 +4,8 @@
 (`thing_transformer.ThingTransformer`), the last decoder layer's heads (VL-align token logits,
 box refinement, IoU logit) and the CondInst mask branch (`dynamic_mask`). It mirrors the
 `detr` part of the release's `DDETRSegmUniDN` (minus backbone, input projections and the MaskDINO
-stuff branch), so its state-dict keys are the release's with the prefixes of
-`RELEASE_PREFIXES` replaced; like the release, `class_embed` / `bbox_embed` are the same modules
+stuff branch), so its state-dict keys are the release's with the prefixes that
+`hipie.release_checkpoint.PREFIXES` maps to `thing.` replaced; like the release, `class_embed` / `bbox_embed` are the same modules
 as `transformer.decoder.class_embed` / `.bbox_embed`, so both key names exist.
 
 Query rows: the first `num_background` (10) rows are the background queries, then the 900
@@ -14,7 +14,6 @@ two-stage queries; the release's inference drops the background rows.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,28 +23,6 @@ from hipie.modeling.common import MLP, inverse_sigmoid
 from hipie.modeling.deformable_layers import FeatureResizer
 from hipie.modeling.dynamic_mask import MaskFeatureHead, dynamic_mask_logits, num_dynamic_params
 from hipie.modeling.thing_transformer import ThingTransformer
-
-# release key prefix -> ThingBranch key prefix
-RELEASE_PREFIXES: dict[str, str] = {
-    "detr.detr.transformer.": "transformer.",
-    "detr.detr.class_embed.": "class_embed.",
-    "detr.detr.bbox_embed.": "bbox_embed.",
-    "detr.detr.iou_head.": "iou_head.",
-    "detr.controller.": "controller.",
-    "detr.mask_head.": "mask_head.",
-    "detr.resizer.": "resizer.",
-}
-
-
-def thing_state_dict(release: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The entries of a release state dict that belong to the thing branch, renamed for it."""
-    out = {}
-    for key, value in release.items():
-        for old, new in RELEASE_PREFIXES.items():
-            if key.startswith(old):
-                out[new + key[len(old) :]] = value
-                break
-    return out
 
 
 def grounding_token(tokens: torch.Tensor, token_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -228,6 +228,10 @@ class ThingTransformer(nn.Module):
         out = memory.masked_fill(invalid, 0.0)
         return self.enc_output_norm(self.enc_output(out)), props
 
+    def select_proposals(self, enc_class: torch.Tensor) -> torch.Tensor:
+        """Two-stage query selection: the `num_queries` best proposals (B x S) -> (B x Q)."""
+        return torch.topk(enc_class, self.num_queries, dim=1)[1]
+
     def forward(
         self,
         srcs: list[torch.Tensor],
@@ -257,7 +261,7 @@ class ThingTransformer(nn.Module):
         last = self.decoder.num_layers
         enc_class = self.decoder.class_embed[last](enc_memory)[..., 0]  # B x S
         enc_coord = self.decoder.bbox_embed[last](enc_memory) + enc_props
-        topk = torch.topk(enc_class, self.num_queries, dim=1)[1]
+        topk = self.select_proposals(enc_class)
         refs = torch.gather(enc_coord, 1, topk[..., None].expand(-1, -1, 4)).sigmoid()
 
         tgt = torch.cat([self.tgt_embed_bg.weight, self.tgt_embed.weight])[None].expand(b, -1, -1)

@@ -99,14 +99,15 @@ def test_postproc_pass(config):
     _assert_instances(f, "postproc/out/instances", res.instances, meta["output_size"][1])
     assert int((res.instances.scores > 0.5).sum()) == meta["instances_above_0.5"]
     assert_close(res.sem_seg, f["postproc/out/sem_seg"], "postproc/out/sem_seg", rel=1e-5)
-    # unchunked, the semantic map is bit-equal (chunks only change the summation order)
+    # unchunked, the semantic map equals the reference to float rounding (bit-equal on the machine
+    # that made the fixture; another CPU's SIMD kernels may round the einsum differently)
     masks = torch.cat(
         [x["mask_pred"][0, NUM_BG:, 0][res.selection.nms_keep], x["pred_masks_maskdino"][0]]
     )
     sem = semantic_map(
         res.panoptic_probs, masks, meta["image_size"], meta["output_size"], chunk=None
     )
-    assert torch.equal(sem, f["postproc/out/sem_seg"])
+    assert_close(sem, f["postproc/out/sem_seg"], "unchunked sem_seg", rel=1e-5)
     for chunk in (1, 5, None):  # chunked panoptic merge: same ids, same segments
         pano, info = panoptic_merge(
             res.panoptic_probs, masks, meta["image_size"], meta["output_size"], is_thing,

@@ -1,6 +1,6 @@
 """The stuff branch (the release's MaskDINO + its VL-align heads) against the official fixtures.
 
-Weights: the seeded rule's release state dict, mapped by `stuff_branch.RELEASE_PREFIXES` and loaded
+Weights: the seeded rule's release state dict, mapped by `hipie.release_checkpoint.PREFIXES` (root `stuff.`) and loaded
 strictly. Expected values: the shipped fixtures `official_hipie_ref/{r50,vit_h}` (made by the
 official code with the same weights and image). ViT-H is marked slow (its rule weights alone are
 3.2 GB).
@@ -28,13 +28,11 @@ from hipie.modeling.common import inverse_sigmoid
 from hipie.modeling.image_input import batch_images, normalize
 from hipie.modeling.resnet import ResNet, ResNetSpec
 from hipie.modeling.stuff_branch import (
-    RELEASE_PREFIXES,
-    TRAINING_ONLY_PREFIXES,
     StuffBranch,
-    release_state_dict,
 )
 from hipie.modeling.vit import ViT, ViTSpec
 from hipie.modeling.vl_align import MASKED_LOGIT, token_to_class_logits
+from hipie.release_checkpoint import SKIPPED, branch_state_dict, official_prefixes
 
 from .reference import SHARED, assert_close, fixture, key_list, rule_state_dict
 
@@ -61,7 +59,7 @@ def loaded(request):
     config = request.param
     weights = rule_state_dict(config)
     model = StuffBranch(IN_CHANNELS[config]).eval()
-    model.load_state_dict(release_state_dict(weights), strict=True)
+    model.load_state_dict(branch_state_dict(weights, "stuff"), strict=True)
     return config, weights, model
 
 
@@ -103,11 +101,11 @@ def test_release_keys_map_by_prefix(loaded):
     config, weights, branch = loaded
     ours = set(branch.state_dict())
     official = [e["key"] for e in key_list(config)["entries"]]
-    mine = [k for k in official if k.startswith(tuple(RELEASE_PREFIXES))]
+    mine = [k for k in official if k.startswith(official_prefixes("stuff"))]
     assert len(mine) == len(ours) == 516
-    assert set(release_state_dict(weights)) == ours
+    assert set(branch_state_dict(weights, "stuff")) == ours
     rest = [k for k in official if k.startswith("detr.mask_dino") and k not in mine]
-    assert rest and all(k.startswith(TRAINING_ONLY_PREFIXES) for k in rest)
+    assert rest and all(k in SKIPPED for k in rest)
     # The release's alias groups are one module here: the 19 names of the box MLP and the two of
     # the decoder's final norm share storage.
     pred = branch.predictor

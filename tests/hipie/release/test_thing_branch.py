@@ -12,12 +12,11 @@ import pytest
 import torch
 
 from hipie.modeling.thing_branch import (
-    RELEASE_PREFIXES,
     ThingBranch,
     grounding_token,
-    thing_state_dict,
 )
 from hipie.modeling.vl_align import MASKED_LOGIT, token_to_class_logits
+from hipie.release_checkpoint import branch_state_dict, official_prefixes
 from tests.hipie.release.reference import assert_close, fixture, key_list, rule_state_dict
 
 PASSES = ("det", "part", "ref")
@@ -26,7 +25,7 @@ PASSES = ("det", "part", "ref")
 @pytest.fixture(scope="module")
 def branch() -> ThingBranch:
     release = rule_state_dict("r50")
-    ours = thing_state_dict(release)
+    ours = branch_state_dict(release, "thing")
     model = ThingBranch().eval()
     model.load_state_dict(ours, strict=True)
     return model
@@ -51,9 +50,9 @@ def runs(branch):
 
 def test_every_release_key_of_the_branch_is_used(branch):
     keys = [e["key"] for e in key_list("r50")["entries"]]
-    mine = [k for k in keys if k.startswith(tuple(RELEASE_PREFIXES))]
+    mine = [k for k in keys if k.startswith(official_prefixes("thing"))]
     assert len(mine) == 442
-    assert sorted(thing_state_dict(dict.fromkeys(mine))) == sorted(branch.state_dict())
+    assert sorted(branch_state_dict(dict.fromkeys(mine), "thing")) == sorted(branch.state_dict())
 
 
 def _stored(p: str) -> list[str]:
@@ -163,16 +162,54 @@ def test_batch_with_padded_tokens_matches_single_passes(branch, runs):
         expected_ref_logits = branch.class_embed[-2](runs["ref"].hidden[-1], runs["ref"].lang)
     for i, p in enumerate(("det", "ref")):
         single = runs[p]
-        for name in ("memory", "enc_class", "init_reference", "boxes", "iou_logits"):
+        for name in ("memory", "enc_class"):
+            assert_close(getattr(out, name)[i], getattr(single, name)[0], f"batch {i} {name}")
+        order = _tie_aligned_order(
+            out.topk_proposals[i],
+            single.topk_proposals[0],
+            single.enc_class[0],
+            branch.num_background,
+        )
+        assert_close(out.init_reference[i, order], single.init_reference[0], f"batch {i} refs")
+        # A tie swap hands two query slots (each with its own learned content) the other's
+        # proposal; self-attention spreads that change, so the other queries match to 1e-3.
+        same = order == torch.arange(len(order))
+        rel = 1e-4 if bool(same.all()) else 1e-3
+        for name in ("boxes", "iou_logits"):
             a, e = getattr(out, name)[i], getattr(single, name)[0]
-            assert_close(a, e, f"batch {i} {name}")
-        assert_close(out.hidden[:, i], single.hidden[:, 0], f"batch {i} hidden")
-        assert torch.equal(out.topk_proposals[i], single.topk_proposals[0])
-    assert_close(out.token_logits[0], runs["det"].token_logits[0], "batch 0 token_logits")
+            assert_close(a[same], e[same], f"batch {i} {name}", rel=rel)
+        hidden = out.hidden[:, i, same]
+        assert_close(hidden, single.hidden[:, 0, same], f"batch {i} hidden", rel=rel)
+        if p == "det":
+            det_same, det_rel = same, rel
+    same, rel = det_same, det_rel
+    det_logits = runs["det"].token_logits[0, same]
+    assert_close(out.token_logits[0, same], det_logits, "batch 0 token_logits", rel=rel)
     assert_close(out.lang[1, :n_ref], runs["ref"].lang[0], "batch 1 fused text")
     assert_close(out.token_logits[1, :, :n_ref], expected_ref_logits[0], "batch 1 token_logits")
     pooled = grounding_token(tokens, token_mask)[1]
     assert_close(pooled, grounding_token(ref[None])[0], "masked grounding token")
+
+
+def _tie_aligned_order(
+    batched: torch.Tensor, single: torch.Tensor, scores: torch.Tensor, num_background: int
+) -> torch.Tensor:
+    """The order that maps the batched top-k onto the single pass's.
+
+    Batching changes float rounding, so two proposals whose two-stage scores tie to rounding may
+    swap places in the top-k. Anything else (a different set, or a swap of proposals whose scores
+    differ) fails. Returns indices into the batched queries (background first, as the branch puts
+    them), in the single pass's order.
+    """
+    assert sorted(batched.tolist()) == sorted(single.tolist()), "top-k selects other proposals"
+    score = scores.max(-1).values if scores.dim() > 1 else scores
+    swapped = (batched != single).nonzero().flatten()
+    assert len(swapped) <= 4, f"{len(swapped)} top-k places differ"
+    gap = (score[batched[swapped]] - score[single[swapped]]).abs()
+    assert bool((gap <= 1e-5 * score.abs().max()).all()), f"non-tied proposals swapped: {gap}"
+    position = {int(q): k for k, q in enumerate(batched)}
+    order = torch.tensor([position[int(q)] for q in single])
+    return torch.cat([torch.arange(num_background), num_background + order])
 
 
 def test_small_branch_runs_with_its_own_sizes():
