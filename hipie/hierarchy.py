@@ -19,6 +19,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from hipie.vote import MaskSet, _as_rles, intersection_areas, mask_areas
+from schemas.part_names import join_part, split_part_label
 
 __all__ = [
     "DEFAULT_PART_GROUPS",
@@ -27,7 +28,6 @@ __all__ = [
     "compose_part_prompts",
     "group_parts",
     "parents_from_intersections",
-    "split_part_label",
 ]
 
 # Coarse part -> fine parts, in the spirit of Pascal-Panoptic-Parts / Pascal-Part: the fine parts
@@ -172,23 +172,8 @@ def compose_part_prompts(
         thing_parts = (
             parts if allowed is None else [p for p in parts if p in allowed.get(thing, ())]
         )
-        prompts.extend(f"{thing} {part}" for part in thing_parts)
+        prompts.extend(join_part(thing, part) for part in thing_parts)
     return prompts
-
-
-def split_part_label(label: str, things: Sequence[str]) -> tuple[str, str]:
-    """Split a composed label into (thing, part), the inverse of `compose_part_prompts`.
-
-    The longest thing name that prefixes the label (followed by a space) wins, so multi-word
-    things split correctly ("potted plant pot" -> ("potted plant", "pot")).
-
-    Returns:
-        ``(thing, part)``, or ``("", label)`` when no thing prefixes the label.
-    """
-    for thing in sorted(things, key=len, reverse=True):
-        if label.startswith(thing + " ") and len(label) > len(thing) + 1:
-            return thing, label[len(thing) + 1 :]
-    return "", label
 
 
 def _coarse_label(

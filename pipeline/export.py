@@ -47,6 +47,7 @@ import schemas
 from pipeline import storage
 from schemas import rle as rle_utils
 from schemas.panoptic import id_to_rgb
+from schemas.part_names import part_class
 
 FORMATS = ("coco", "coco-panoptic", "parquet")
 _LEVEL_RANK = {"stuff": 0, "instance": 1, "part": 2, "subpart": 3}
@@ -134,7 +135,7 @@ def category_key(mask: dict, by_id: Mapping[int, dict]) -> tuple[str, str, str]:
     obj = _object_of(mask, by_id)
     if obj is None:
         return label, "part", level
-    name = label if label.startswith(f"{obj} ") else f"{obj} {label}"
+    name = part_class(label, obj)
     return name, obj, level
 
 

@@ -31,11 +31,11 @@ from torch.utils.data import Dataset
 
 import schemas
 from schemas import rle as rle_utils
+from schemas.part_names import part_class, split_part_label, strip_thing
 
 __all__ = [
     "TrainingSet",
     "RowDataset",
-    "part_class",
     "row_to_sample",
     "rows_from_coco",
     "training_set_from_coco",
@@ -48,12 +48,6 @@ UNLABELED = ("", "other")  # labels that supervise nothing
 
 
 # --------------------------------------------------------------------------- vocabulary
-
-
-def part_class(label: str, instance_label: str) -> str:
-    """The "object-part" class of a part (Sec. 3.7): "head" of a "robot" -> "robot head"; a
-    label that already starts with the object's name (as the labeler writes it) is kept."""
-    return label if label.startswith(f"{instance_label} ") else f"{instance_label} {label}"
 
 
 def _usable(mask: dict) -> bool:
@@ -83,10 +77,7 @@ class TrainingSet:
         without their object ("head"), since the labeler composes "<thing> <part>" itself."""
         from pipeline.vocabulary import Vocabulary
 
-        short = []
-        for name in self.parts:
-            obj = next((t for t in self.things if name.startswith(f"{t} ")), None)
-            short.append(name[len(obj) + 1 :] if obj else name)
+        short = [split_part_label(name, self.things)[1] for name in self.parts]
         return Vocabulary.from_lists(
             things=self.things, stuff=self.stuff, parts=list(dict.fromkeys(short))
         )
@@ -189,8 +180,8 @@ def rows_from_coco(json_path: str | os.PathLike, images_dir: str | os.PathLike) 
             cat = cats[int(ann["category_id"])]
             level = cat.get("level") or ("stuff" if cat.get("isthing", 1) == 0 else "instance")
             label = cat["name"]
-            if level in ("part", "subpart") and label.startswith(f"{cat.get('supercategory')} "):
-                label = label[len(cat["supercategory"]) + 1 :]  # export wrote "<object> <part>"
+            if level in ("part", "subpart") and cat.get("supercategory"):
+                label = strip_thing(label, cat["supercategory"])  # export wrote "<object> <part>"
             mask = decode_segmentation(ann["segmentation"], h, w)
             parent = ann.get("hipie_parent_id")
             masks.append(

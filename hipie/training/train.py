@@ -49,6 +49,7 @@ from hipie.training.data import (
     resize_sample,
     sample_from_scene,
 )
+from schemas.part_names import join_part, split_part_label
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate_synthetic", "load_config", "train"]
 
@@ -255,9 +256,9 @@ def _distractors(dataset: Dataset, k: int, rng: random.Random) -> list[str]:
     if k <= 0:
         return []
     things, part_set = list(dataset.thing_classes), set(dataset.part_classes)
-    names = sorted({label[len(t) + 1 :] for label in part_set for t in things
-                    if label.startswith(t + " ")})  # fmt: skip
-    pool = [f"{t} {n}" for t in things for n in names if f"{t} {n}" not in part_set]
+    names = sorted({part for thing, part in (split_part_label(label, things) for label in part_set)
+                    if thing})  # fmt: skip
+    pool = [join_part(t, n) for t in things for n in names if join_part(t, n) not in part_set]
     return rng.sample(pool, min(k, len(pool)))
 
 

@@ -18,7 +18,6 @@ from PIL import Image
 
 import schemas
 from hipie import build_hipie
-from hipie.hierarchy import split_part_label
 from hipie.modeling.hipie_release import HipieRelease
 from hipie.modeling.vl_align import token_to_class_logits
 from hipie.postprocess_release import class_logit_modes, keep_above, postprocess_release
@@ -26,6 +25,7 @@ from hipie.release_hierarchy import ReleaseHierarchyPredictor, ReleaseThresholds
 from hipie.vote_policy import fine_parts
 from pipeline.labeler import segments_to_masks
 from schemas import rle
+from schemas.part_names import split_part_label
 from tests.hipie.release.reference import SHARED, fixture, require, write_release_checkpoint
 from tests.hipie.release.synthetic_postproc import NUM_BG, synthetic_postproc_inputs
 
