@@ -18,18 +18,13 @@ from pathlib import Path
 
 import numpy as np
 
+from schemas import rle
+
 TASKS = ("semantic", "instance", "detect", "parts", "panoptic", "hierarchy", "refer")
 
 
 def _labels(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
-
-
-def _rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
 
 
 def segments_to_json(seg) -> list[dict]:
@@ -46,7 +41,7 @@ def segments_to_json(seg) -> list[dict]:
                 "level": seg.level[i],
                 "parent": int(seg.parents[i]),
                 "is_thing": bool(seg.is_thing[i]),
-                "mask": _rle(masks[i]) if masks.shape[1] else seg.rles[i],
+                "mask": rle.encode(masks[i]) if masks.shape[1] else seg.rles[i],
             }
         )
     return out
@@ -80,7 +75,7 @@ def run(args: argparse.Namespace) -> dict:
         label_map = sem.label_map.cpu().numpy()
         result["vocabulary"] = sem.labels
         result["segments"] = [
-            {"label": sem.labels[k], "label_id": int(k), "mask": _rle(label_map == k)}
+            {"label": sem.labels[k], "label_id": int(k), "mask": rle.encode(label_map == k)}
             for k in np.unique(label_map)
         ]
         return result

@@ -34,11 +34,9 @@ from hipie import rle_torch
 
 __all__ = [
     "MaskSet",
-    "ReplaceResult",
     "VoteResult",
     "intersection_areas",
     "mask_areas",
-    "replace_with_hipie",
     "vote",
     "vote_from_intersections",
 ]
@@ -63,14 +61,6 @@ class VoteResult:
     labels: torch.Tensor  # (S,) long argmax class per SAM mask, -1 where the row is all zero
     scores: torch.Tensor  # (S,) float32 probability of the argmax class, 0 where no overlap
     coverage: torch.Tensor  # (S,) float32 fraction of each SAM mask covered by any HIPIE mask
-
-
-@dataclass(frozen=True)
-class ReplaceResult:
-    """Which masks survive when HIPIE's own masks replace SAM's for some classes (App. A.8.2)."""
-
-    keep_sam: torch.Tensor  # (S,) bool False for SAM masks voted into a replaced class
-    add_hipie: torch.Tensor  # (K,) bool True for HIPIE masks of a replaced class
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,32 +175,6 @@ def vote_from_intersections(
     areas = sam_areas.to(device)
     coverage = torch.where(areas > 0, covered / areas.clamp_min(1.0), 0.0).clamp(0.0, 1.0)
     return VoteResult(probs=probs, labels=labels, scores=scores, coverage=coverage)
-
-
-def replace_with_hipie(
-    vote_result: VoteResult,
-    hipie_labels: torch.Tensor,
-    replace_class_ids: Sequence[int],
-) -> ReplaceResult:
-    """Replace SAM masks by HIPIE masks for classes HIPIE segments well (App. A.8.2).
-
-    For the classes in ``replace_class_ids`` (e.g. "person", "bird", whose hierarchy the model
-    knows), every SAM mask whose voted label is one of them is dropped, and every HIPIE mask of
-    one of them is added instead. All other SAM masks are kept; all other HIPIE masks are not added.
-
-    Args:
-        vote_result: output of `vote` for S SAM masks.
-        hipie_labels: ``(K,)`` long class ids of the HIPIE masks (same class space as the vote).
-        replace_class_ids: class ids to replace.
-
-    Returns:
-        `ReplaceResult` with ``keep_sam (S,)`` and ``add_hipie (K,)`` bool masks.
-    """
-    ids = torch.as_tensor(list(replace_class_ids), dtype=torch.long)
-    sam_labels = vote_result.labels
-    keep_sam = ~torch.isin(sam_labels, ids.to(sam_labels.device))
-    add_hipie = torch.isin(hipie_labels.long(), ids.to(hipie_labels.device))
-    return ReplaceResult(keep_sam=keep_sam, add_hipie=add_hipie)
 
 
 # --------------------------------------------------------------------------------------------

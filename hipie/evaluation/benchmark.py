@@ -44,6 +44,7 @@ from hipie.synthetic.scene import (
     Scene,
     category_id,
 )
+from schemas import rle
 
 __all__ = ["GROUPED_PART_CLASSES", "TASKS", "evaluate_scenes", "group_part_map"]
 
@@ -61,13 +62,6 @@ def _numpy(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
-
-
-def _rle(mask: np.ndarray) -> dict:
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
 
 
 def _paint(masks: np.ndarray, scores: np.ndarray) -> list[int]:
@@ -102,7 +96,7 @@ def _instance_gt(scenes: Sequence[Scene]) -> dict:
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": scene.image_id,
                     "category_id": seg.category_id, "bbox": seg.bbox, "area": seg.area,
-                    "iscrowd": 0, "segmentation": _rle(seg.mask),
+                    "iscrowd": 0, "segmentation": rle.encode(seg.mask),
                 })  # fmt: skip
     categories = [dict(c) for c in CATEGORIES if c["isthing"]]
     return {"images": images, "annotations": annotations, "categories": categories}
@@ -119,7 +113,7 @@ def _instance_results(scene: Scene, seg: Any) -> list[dict]:
         x0, y0, x1, y1 = boxes[i].tolist()
         out.append({
             "image_id": scene.image_id, "category_id": category_id(label),
-            "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": _rle(masks[i]),
+            "bbox": [x0, y0, x1 - x0, y1 - y0], "segmentation": rle.encode(masks[i]),
             "score": float(scores[i]),
         })  # fmt: skip
     return out

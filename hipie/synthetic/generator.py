@@ -54,6 +54,7 @@ from hipie.synthetic.scene import (
     category_id,
     mask_bbox,
 )
+from schemas import rle
 from schemas.panoptic import id_to_rgb
 
 __all__ = [
@@ -206,14 +207,6 @@ class SceneGenerator:
 
 
 # --------------------------------------------------------------------------- writers
-def _rle(mask: np.ndarray) -> dict:
-    """COCO RLE of an (H, W) bool mask, counts as str."""
-    from pycocotools import mask as mask_utils
-
-    rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": rle["counts"].decode()}
-
-
 def _jpeg_bytes(image: np.ndarray, quality: int = 95) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="JPEG", quality=quality)
@@ -252,7 +245,7 @@ def write_coco_panoptic(scenes: Iterable[Scene], out_dir: str | Path) -> tuple[P
                 "id": part.id + scene.image_id * 10_000,
                 "image_id": scene.image_id,
                 "category_id": PART_CLASSES.index(part.name) + 1,
-                "segmentation": _rle(part.mask),
+                "segmentation": rle.encode(part.mask),
                 "bbox": part.bbox,
                 "area": int(part.mask.sum()),
                 "iscrowd": 0,
@@ -289,7 +282,7 @@ def _sa1b_annotations(scene: Scene, rng: np.random.Generator) -> list[dict]:
         mid = len(ys) // 2  # a pixel of the mask, as SAM's prompt point
         anns.append({
             "id": k + 1,
-            "segmentation": _rle(mask),
+            "segmentation": rle.encode(mask),
             "bbox": mask_bbox(mask),
             "area": int(len(ys)),
             "predicted_iou": float(rng.uniform(0.85, 1.0)),

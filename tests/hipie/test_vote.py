@@ -10,7 +10,7 @@ import torch
 from pycocotools import mask as mask_utils
 
 from hipie import vote as vote_module
-from hipie.vote import VoteResult, intersection_areas, mask_areas, replace_with_hipie, vote
+from hipie.vote import intersection_areas, mask_areas, vote
 
 
 def _rles(masks: torch.Tensor) -> list[dict]:
@@ -209,32 +209,6 @@ def test_vote_empty_inputs() -> None:
     assert no_hipie.labels.tolist() == [-1, -1] and no_hipie.coverage.tolist() == [0.0, 0.0]
     rle = vote([], [], torch.zeros(0, 3))
     assert rle.probs.shape == (0, 3)
-
-
-def test_replace_with_hipie_on_hand_case() -> None:
-    sam, hipie, probs = _hand_case()
-    result = vote(sam, hipie, probs)  # labels [0, 0, -1, 2]
-    hipie_labels = torch.tensor([0, 2])
-    replaced = replace_with_hipie(result, hipie_labels, [2])
-    assert replaced.keep_sam.tolist() == [True, True, True, False]
-    assert replaced.add_hipie.tolist() == [False, True]
-    both = replace_with_hipie(result, hipie_labels, [0, 2])
-    assert both.keep_sam.tolist() == [False, False, True, False]  # unlabeled S2 is always kept
-    assert both.add_hipie.tolist() == [True, True]
-    none = replace_with_hipie(result, hipie_labels, [])
-    assert none.keep_sam.all() and not none.add_hipie.any()
-
-
-def test_replace_with_hipie_constructed_labels() -> None:
-    result = VoteResult(
-        probs=torch.zeros(5, 4),
-        labels=torch.tensor([1, 3, -1, 1, 0]),
-        scores=torch.zeros(5),
-        coverage=torch.zeros(5),
-    )
-    replaced = replace_with_hipie(result, torch.tensor([1, 1, 2, 3]), replace_class_ids=(1, 3))
-    assert replaced.keep_sam.tolist() == [False, False, True, False, True]
-    assert replaced.add_hipie.tolist() == [True, True, False, True]
 
 
 def test_rle_path_with_more_than_255_masks() -> None:
