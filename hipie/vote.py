@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from pycocotools import mask as mask_utils
 
 from hipie import rle_torch
+from schemas import rle as rle_utils
 
 __all__ = [
     "MaskSet",
@@ -439,14 +440,7 @@ def _as_rles(masks: MaskSet) -> list[dict]:
             return []
         encoded = rle_torch.encode(masks.detach().bool())  # no column-major copy
         return [{"size": r["size"], "counts": r["counts"].encode("ascii")} for r in encoded.rles]
-    rles = []
-    for rle in masks:
-        counts = rle["counts"]
-        if isinstance(counts, list):  # uncompressed RLE
-            height, width = rle["size"]
-            rle = mask_utils.frPyObjects(rle, height, width)
-        rles.append(rle)
-    return rles
+    return [rle_utils.to_coco(rle) for rle in masks]
 
 
 def _rle_intersections(a: list[dict], b: list[dict]) -> np.ndarray:

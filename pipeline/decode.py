@@ -32,6 +32,8 @@ import numpy as np
 from PIL import Image, ImageCms, ImageOps
 from pycocotools import mask as mask_utils
 
+from schemas import rle as rle_utils
+
 # Refuse images with more pixels than this (width * height as declared in the header). PIL's own
 # limit (Image.MAX_IMAGE_PIXELS, ~89.5 M) applies as well: its warning is raised as an error here,
 # so the effective limit is the smaller of the two. SA-1B images are ~3.4 M pixels.
@@ -296,7 +298,7 @@ def decode_sam_json(
     ]
     missing = [i for i, b in enumerate(boxes) if b is None]
     if missing:
-        computed = mask_utils.toBbox([_coco(rles[i]) for i in missing])
+        computed = mask_utils.toBbox([rle_utils.to_coco(rles[i]) for i in missing])
         for i, box in zip(missing, computed):
             boxes[i] = (float(box[0]), float(box[1]), float(box[2]), float(box[3]))
     return [
@@ -345,8 +347,7 @@ def _segmentation_rle(i: int, ann: object, width: int, height: int) -> dict:
             for p in seg
         ):
             raise MaskDecodeError(f"annotation {i}: malformed polygon segmentation")
-        merged = mask_utils.merge(mask_utils.frPyObjects(seg, height, width))
-        return {"size": [height, width], "counts": merged["counts"].decode("ascii")}
+        return rle_utils.from_segmentation(seg, height, width)
     if not isinstance(seg, Mapping) or "size" not in seg or "counts" not in seg:
         raise MaskDecodeError(f"annotation {i}: segmentation is not a COCO RLE or polygon list")
     size = seg["size"]
@@ -479,10 +480,6 @@ def _optional_float(ann: Mapping[str, Any], key: str, i: int) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise MaskDecodeError(f"annotation {i}: {key} must be a number, got {value!r}")
     return float(value)
-
-
-def _coco(rle: dict) -> dict:
-    return {"size": rle["size"], "counts": rle["counts"].encode("ascii")}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 
-def _to_coco(rle: dict) -> dict:
-    """Return ``rle`` in the form pycocotools expects (counts as bytes)."""
+def to_coco(rle: dict) -> dict:
+    """``rle`` in the form pycocotools expects: compressed counts as bytes (text counts are
+    encoded, uncompressed list counts compressed)."""
     counts = rle["counts"]
     if isinstance(counts, list):  # uncompressed RLE, as in iscrowd COCO annotations
         h, w = rle["size"]
@@ -22,6 +23,15 @@ def _to_coco(rle: dict) -> dict:
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def from_segmentation(segmentation, height: int, width: int) -> dict:
+    """A COCO annotation's segmentation (polygon list, uncompressed or compressed RLE) as our
+    RLE with text counts."""
+    if isinstance(segmentation, list):  # polygons: one RLE per polygon, merged
+        polygons = mask_utils.frPyObjects(segmentation, height, width)
+        return _from_coco(mask_utils.merge(polygons))
+    return _from_coco(to_coco(segmentation))
 
 
 def _from_coco(rle: dict) -> dict:
@@ -57,25 +67,25 @@ def encode_many(masks: np.ndarray) -> list[dict]:
 
 def decode(rle: dict) -> np.ndarray:
     """Decode one RLE to a (H, W) bool array."""
-    return mask_utils.decode(_to_coco(rle)).astype(bool)
+    return mask_utils.decode(to_coco(rle)).astype(bool)
 
 
 def area(rle: dict) -> int:
     """Number of pixels inside the mask, computed on the RLE."""
-    return int(mask_utils.area(_to_coco(rle)))
+    return int(mask_utils.area(to_coco(rle)))
 
 
 def bbox(rle: dict) -> list[float]:
     """Tight box [x, y, w, h] of the mask in pixels ([0, 0, 0, 0] for an empty mask)."""
-    return [float(v) for v in mask_utils.toBbox(_to_coco(rle))]
+    return [float(v) for v in mask_utils.toBbox(to_coco(rle))]
 
 
 def iou_matrix(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
     """Pairwise IoU (A, B) computed on the RLEs without decoding them."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), dtype=np.float64)
-    ca = [_to_coco(r) for r in a]
-    cb = [_to_coco(r) for r in b]
+    ca = [to_coco(r) for r in a]
+    cb = [to_coco(r) for r in b]
     return np.asarray(mask_utils.iou(ca, cb, [0] * len(cb)), dtype=np.float64).reshape(
         len(a), len(b)
     )

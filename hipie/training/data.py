@@ -37,6 +37,7 @@ from hipie.synthetic.generator import (
     SceneGenerator,
 )
 from hipie.training.criterion import SegmentTargets
+from schemas import rle as rle_utils
 
 __all__ = [
     "Batch",
@@ -191,20 +192,7 @@ def _load_rgb(path: Path) -> torch.Tensor:
 
 def decode_segmentation(segm, h: int, w: int) -> np.ndarray:
     """COCO polygon list, uncompressed or compressed RLE -> (H, W) bool."""
-    from pycocotools import mask as mask_utils
-
-    if isinstance(segm, list):  # polygons
-        rle = mask_utils.merge(mask_utils.frPyObjects(segm, h, w))
-    elif isinstance(segm.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(segm, h, w)
-    else:
-        rle = {
-            "size": segm["size"],
-            "counts": segm["counts"].encode()
-            if isinstance(segm["counts"], str)
-            else segm["counts"],
-        }
-    return mask_utils.decode(rle).astype(bool)
+    return rle_utils.decode(rle_utils.from_segmentation(segm, h, w))
 
 
 class CocoPanopticDataset(Dataset):

@@ -71,3 +71,20 @@ def test_check_reports_bad_rles():
     assert rle.check(truncated, 6, 7) is not None
     assert "cannot be parsed" in rle.check({"size": [6, 7], "counts": "\x01"}, 6, 7)
     assert "dict" in rle.check("nope", 6, 7)
+
+
+def test_from_segmentation_reads_every_coco_form():
+    """Polygons, uncompressed (list) RLE and compressed RLE of one mask give one RLE."""
+    mask = np.zeros((6, 8), dtype=bool)
+    mask[1:4, 2:6] = True  # 3 x 4 = 12 pixels
+    compressed = rle.encode(mask)
+    runs = rle.run_lengths(compressed)
+    assert rle.from_segmentation({"size": [6, 8], "counts": runs}, 6, 8) == compressed
+    assert rle.from_segmentation(compressed, 6, 8) == compressed
+    as_bytes = {"size": [6, 8], "counts": compressed["counts"].encode("ascii")}
+    assert rle.from_segmentation(as_bytes, 6, 8) == compressed
+    # a polygon around the pixel centres' outer edges: the same 12 pixels
+    polygon = [[2.0, 1.0, 6.0, 1.0, 6.0, 4.0, 2.0, 4.0]]
+    assert rle.area(rle.from_segmentation(polygon, 6, 8)) == 12
+    assert rle.iou_matrix([rle.from_segmentation(polygon, 6, 8)], [compressed])[0, 0] > 0.5
+    assert rle.to_coco(compressed)["counts"] == compressed["counts"].encode("ascii")
