@@ -27,7 +27,7 @@ from hipie.release_checkpoint import (
     resolve_release_path,
 )
 
-RELEASE_PRESETS = ("r50", "vit_h")
+RELEASE_PRESETS = ("r50", "vit_h", "tiny")
 
 
 @dataclass(frozen=True)
@@ -44,16 +44,24 @@ SETTINGS = {
     "r50": ReleaseSettings("r50"),  # configs/training/r50_parts.yaml
     # configs/eval/image_joint_vit_huge_32g_pan_maskdino_ade_test.yaml
     "vit_h": ReleaseSettings("vit_h", bg_cls_agnostic=True),
+    # ours: the same architecture at small size, for CPU training on the synthetic scenes
+    "tiny": ReleaseSettings("tiny", min_size_test=320, max_size_test=512),
 }
+TINY_DIM = 64  # hidden width of both branches of the tiny preset
+TINY_QUERY_LEN = 256  # its padded prompt length (the release pads to 1024 / 4096)
 
 
 def release_model(name: str, *, text: str | Path = RANDOM) -> HipieRelease:
-    """The released architecture `name` ("r50" or "vit_h") with random weights (eval mode).
+    """The released architecture `name` ("r50", "vit_h" or our "tiny") with random weights
+    (eval mode).
 
-    text: the BERT-base weights: "random" (offline, random), a local folder, or a hub name.
+    text: the BERT weights: "random" (offline, random), a local folder, or a hub name. The tiny
+    preset always uses the offline MiniLM (a 384-d BERT of 6 layers, same vocabulary).
     """
     if name not in SETTINGS:
         raise ValueError(f"unknown release preset {name!r}; choose from {RELEASE_PRESETS}")
+    if name == "tiny":
+        return tiny_release_model()
     if name == "r50":
         backbone = ResNet(ResNetSpec())
     else:
@@ -66,6 +74,41 @@ def release_model(name: str, *, text: str | Path = RANDOM) -> HipieRelease:
         stuff=StuffBranch(channels),
     )
     model.settings = SETTINGS[name]
+    return model.eval()
+
+
+def tiny_release_model() -> HipieRelease:
+    """The released architecture at small size (our deviation, for the shipped `tiny` model):
+    ResNet-18 (FrozenBN, res3-res5), both branches 64-d with 2 encoder and 3 decoder layers,
+    60 + 3 background thing queries and 40 stuff queries, the offline MiniLM as text encoder."""
+    from hipie.modeling.text_encoder import minilm_folder
+
+    backbone = ResNet(ResNetSpec(depth=18, res2_channels=64))
+    channels = tuple(backbone.out_channels[k] for k in ("res3", "res4", "res5"))
+    text = ReleaseTextEncoder.build(minilm_folder(), max_query_len=TINY_QUERY_LEN)
+    dim, text_dim = TINY_DIM, text.hidden_size
+    thing = ThingBranch(
+        dim=dim,
+        text_dim=text_dim,
+        num_heads=4,
+        ffn_dim=256,
+        enc_layers=2,
+        dec_layers=3,
+        num_queries=60,
+        num_background=3,
+        vl_dim=256,
+    )
+    stuff = StuffBranch(
+        channels,
+        dim=dim,
+        text_dim=text_dim,
+        num_queries=40,
+        enc_layers=2,
+        dec_layers=3,
+        ffn_dim=256,
+    )
+    model = HipieRelease(backbone=backbone, text=text, thing=thing, stuff=stuff, hidden_dim=dim)
+    model.settings = SETTINGS["tiny"]
     return model.eval()
 
 

@@ -35,6 +35,15 @@ from hipie.modeling.deformable_layers import DeformableDecoderLayer, FeatureResi
 
 
 @dataclass
+class StuffPrediction:
+    """One prediction set of the decoder, as the training loss reads it."""
+
+    class_embed: torch.Tensor  # (B, Q, D) before VL alignment
+    boxes: torch.Tensor  # (B, Q, 4) cxcywh in [0, 1]
+    masks: torch.Tensor  # (B, Q, H/4, W/4) logits
+
+
+@dataclass
 class MaskDINODecoderOutput:
     """Per-query outputs of the last decoder layer plus the intermediates the fixtures store.
 
@@ -49,6 +58,10 @@ class MaskDINODecoderOutput:
     references: torch.Tensor  # (num_layers + 1, B, Q, 4) reference boxes (sigmoid space)
     enc_class_max: torch.Tensor  # (B, S) proposal score used by the top-k
     topk_indices: torch.Tensor  # (B, Q) selected proposals (decoder level order)
+    # Training mode only: every prediction in decoder order (the initial one, then each layer;
+    # the last equals the outputs above) and the two-stage proposals (`interm_outputs`).
+    predictions: list[StuffPrediction] | None = None
+    proposals: StuffPrediction | None = None
 
 
 class _DecoderStack(nn.Module):
@@ -153,8 +166,15 @@ class MaskDINODecoder(nn.Module):
         ref_unsig = torch.gather(enc_boxes, 1, topk[..., None].expand(-1, -1, 4))
         tgt = torch.gather(out_memory, 1, topk[..., None].expand(-1, -1, self.dim))
 
-        # The release also scores the selected proposals with masks here (`interm_outputs`, for
-        # its training loss only); inference never reads them, so they are not computed.
+        # Training: the selected proposals are scored with masks (`interm_outputs`), and the
+        # decoder starts from detached queries and boxes, as the release trains; inference never
+        # reads the proposals' masks, so they are not computed there.
+        proposals = None
+        if self.training:
+            proposal_cls, proposal_masks = self.heads(tgt, mask_features)
+            proposals = StuffPrediction(proposal_cls, ref_unsig.sigmoid(), proposal_masks)
+            tgt, ref_unsig = tgt.detach(), ref_unsig.detach()
+        tgt0 = tgt
         class_embeds = [self.heads(tgt, None)[0]]  # INITIAL_PRED: scores of the selections
         ref = ref_unsig.sigmoid()
         refs, hidden = [ref], []
@@ -166,12 +186,25 @@ class MaskDINODecoder(nn.Module):
             ref = (box_mlp(tgt) + inverse_sigmoid(ref)).sigmoid()
             refs.append(ref)
             hidden.append(self.decoder.norm(tgt))
+            if self.training:  # each layer refines a detached box (DINO); losses see all
+                ref = ref.detach()
         for h in hidden[:-1]:
             class_embeds.append(self.heads(h, None)[0])
         cls, masks = self.heads(hidden[-1], mask_features)
         class_embeds.append(cls)
         # `pred_box`: the box MLP on the normalized last output, from the last layer's input box.
         boxes = (self.bbox_embed[-1](hidden[-1]) + inverse_sigmoid(refs[-2])).sigmoid()
+        predictions = None
+        if self.training:
+            predictions = [
+                StuffPrediction(class_embeds[0], refs[0], self.heads(tgt0, mask_features)[1])
+            ]
+            for i, h in enumerate(hidden[:-1]):
+                box = (self.bbox_embed[i](h) + inverse_sigmoid(refs[i])).sigmoid()
+                predictions.append(
+                    StuffPrediction(class_embeds[i + 1], box, self.heads(h, mask_features)[1])
+                )
+            predictions.append(StuffPrediction(cls, boxes, masks))
         return MaskDINODecoderOutput(
             class_embeds=class_embeds,
             pred_boxes=boxes,
@@ -180,4 +213,6 @@ class MaskDINODecoder(nn.Module):
             references=torch.stack(refs),
             enc_class_max=enc_class_max,
             topk_indices=topk,
+            predictions=predictions,
+            proposals=proposals,
         )

@@ -1,0 +1,98 @@
+"""Training the released architecture at small size: one step's losses, gradients, learning."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hipie.modeling.maskdino_decoder import StuffPrediction
+from hipie.release_build import release_model
+from hipie.synthetic.generator import SceneConfig, SceneGenerator
+from hipie.synthetic.scene import PART_CLASSES, STUFF_CLASSES, THING_CLASSES
+from hipie.training.data import sample_from_scene
+from hipie.training.release_criterion import ReleaseCriterion
+from hipie.training.release_step import part_targets, train_losses, universal_targets
+
+SIZE = 128
+
+
+@pytest.fixture(scope="module")
+def samples():
+    gen = SceneGenerator(SceneConfig(width=SIZE, height=SIZE), seed=3)
+    return [sample_from_scene(gen.scene(i)) for i in range(2)]
+
+
+def _model():
+    torch.manual_seed(0)
+    return release_model("tiny").train()
+
+
+def test_training_mode_decoder_returns_every_prediction_and_eval_is_unchanged(samples):
+    model = _model()
+    images = [s.image for s in samples]
+    enc = model.encode_image(images)
+    dec = enc.stuff
+    layers = len(model.stuff.predictor.decoder.layers)
+    assert len(dec.predictions) == layers + 1 and isinstance(dec.proposals, StuffPrediction)
+    last = dec.predictions[-1]
+    assert torch.equal(last.masks, dec.pred_masks) and torch.equal(last.boxes, dec.pred_boxes)
+    for p in dec.predictions:
+        assert p.masks.shape == dec.pred_masks.shape and p.boxes.shape == dec.pred_boxes.shape
+    model.eval()
+    with torch.no_grad():
+        ev = model.encode_image(images).stuff
+    assert ev.predictions is None and ev.proposals is None
+    # dropout 0 in both modes: the final outputs are the same computation
+    assert torch.allclose(ev.pred_masks, dec.pred_masks.detach(), atol=1e-5)
+
+
+def test_targets_follow_the_prompt(samples):
+    model = _model().eval()
+    s = samples[0]
+    names = list(THING_CLASSES) + list(STUFF_CLASSES)
+    prompt = model.encode_classes(names, {i + 1: i < len(THING_CLASSES) for i in range(len(names))})
+    t = universal_targets(s, prompt)
+    assert len(t) == len(s.thing_classes) + len(s.stuff_classes)
+    assert int(t.is_thing.sum()) == len(s.thing_classes)
+    for k, name in enumerate(list(s.thing_classes) + list(s.stuff_classes)):
+        tokens = prompt.positive_map[names.index(name) + 1]
+        assert t.positive_map[k].nonzero().flatten().tolist() == list(tokens)
+    assert bool(((t.boxes >= 0) & (t.boxes <= 1)).all())
+    parts = [p for p in PART_CLASSES if p.split(" ")[0] in s.thing_classes]
+    prompt = model.encode_classes(parts + list(THING_CLASSES))
+    pt = part_targets(s, prompt)
+    assert len(pt) and not bool(pt.is_thing.any())
+    # each part's positive map covers its own label and its object's label
+    assert bool((pt.positive_map.sum(1) > 1).all())
+
+
+def test_a_few_steps_learn_and_reach_every_trainable_module(samples):
+    model = _model()
+    for p in model.text.parameters():
+        p.requires_grad_(False)
+    criterion = ReleaseCriterion()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=3e-4, weight_decay=0.01)
+    vocab = dict(things=THING_CLASSES, stuff=STUFF_CLASSES, parts=PART_CLASSES)
+    history = []
+    for step in range(6):
+        opt.zero_grad()
+        losses = train_losses(model, criterion, samples, rng=random.Random(step), **vocab)
+        losses["total"].backward()
+        if step == 0:
+            assert {k.split("/")[0] for k in losses if "/" in k} == {
+                "universal",
+                "parts",
+                "referring",
+            }
+            assert "universal/loss_ce_maskdino" in losses and "universal/loss_ce_enc" in losses
+            assert "universal/loss_mask_interm_maskdino" in losses
+            for root in ("backbone", "input_proj", "thing", "stuff"):
+                grads = [p.grad for n, p in model.named_parameters() if n.startswith(root)]
+                assert any(g is not None and float(g.abs().sum()) > 0 for g in grads), root
+        assert torch.isfinite(losses["total"])
+        history.append(float(losses["total"].detach()))
+        opt.step()
+    assert min(history[-2:]) < 0.8 * history[0], history
