@@ -1,7 +1,9 @@
 """`python -m hipie.train --config FILE.json|yaml [--out DIR] [--steps N] [--resume] ...`
 
 Reads a `TrainConfig` (fields of `hipie.training.train.TrainConfig`; nested `scene` and
-`criterion` mappings), applies the flag overrides, and runs `train`. Prints a JSON summary.
+`criterion` mappings), applies the flag overrides, and runs `train`. A config with
+`architecture: release` is a `hipie.training.release_train.ReleaseTrainConfig` and trains the
+released architecture (e.g. `configs/tiny_release.yaml`). Prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hipie.training.train import TrainConfig, TrainResult, load_config, train
+from hipie.training.train import TrainConfig, TrainResult, load_config, read_config_file, train
 
 __all__ = ["TrainConfig", "TrainResult", "main", "train"]
 
@@ -41,11 +43,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _train_release(data: dict, overrides: dict):
+    """A config with `architecture: release` trains the released architecture."""
+    from hipie.training.release_train import ReleaseTrainConfig, train_release
+
+    unsupported = {"num_workers", "eval_every"} & {k for k, v in overrides.items() if v is not None}
+    if unsupported:
+        raise SystemExit(f"hipie.train: {sorted(unsupported)} do not apply to the release loop")
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return train_release(ReleaseTrainConfig.from_dict(data))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = vars(_parser().parse_args(argv))
     path = args.pop("config")
-    cfg = load_config(path, **args)
-    result = train(cfg)
+    data = read_config_file(path)
+    if data.get("architecture") == "release":
+        result = _train_release(data, args)
+    else:
+        result = train(load_config(path, **args))
     print(
         json.dumps(
             {

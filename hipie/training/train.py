@@ -127,15 +127,19 @@ class TrainConfig:
         return cls(**kwargs)
 
 
-def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
-    """A TrainConfig from a .json or .yaml/.yml file, with keyword overrides (None = keep)."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping of a .json or .yaml/.yml training config."""
     text = Path(path).read_text()
     if str(path).endswith((".yaml", ".yml")):
         import yaml
 
-        data = yaml.safe_load(text) or {}
-    else:
-        data = json.loads(text)
+        return yaml.safe_load(text) or {}
+    return json.loads(text)
+
+
+def load_config(path: str | Path, **overrides: Any) -> TrainConfig:
+    """A TrainConfig from a .json or .yaml/.yml file, with keyword overrides (None = keep)."""
+    data = read_config_file(path)
     data.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(data)
 

@@ -96,3 +96,46 @@ def test_a_few_steps_learn_and_reach_every_trainable_module(samples):
         history.append(float(losses["total"].detach()))
         opt.step()
     assert min(history[-2:]) < 0.8 * history[0], history
+
+
+def test_training_cli_writes_a_release_checkpoint_that_resumes_and_predicts(tmp_path, samples):
+    """`python -m hipie.train` on a release config: checkpoint, resume, load, predict."""
+    import json
+
+    import numpy as np
+
+    from hipie.release_build import is_release_folder, load_release_folder
+    from hipie.release_predictor import ReleasePredictor
+    from hipie.train import main
+
+    cfg = {
+        "architecture": "release",
+        "scene": {"width": 96, "height": 96, "max_things": 2},
+        "steps": 2,
+        "batch_size": 1,
+        "warmup_steps": 1,
+        "progress": False,
+        "log_every": 1,
+    }
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps(cfg))
+    out = tmp_path / "run"
+    assert main(["--config", str(path), "--out", str(out), "--threads", "2"]) == 0
+    ckpt = out / "checkpoint"
+    assert is_release_folder(ckpt) and (ckpt / "trainer_state.pt").is_file()
+    # the frozen MiniLM is not stored: the file holds the trained part only
+    assert (ckpt / "model.safetensors").stat().st_size < 80e6
+    assert json.loads((out / "history.json").read_text())["step"] == [1, 2]
+    assert main(["--config", str(path), "--out", str(out), "--steps", "3", "--resume"]) == 0
+    assert json.loads((out / "history.json").read_text())["step"] == [1, 2, 3]
+    model = load_release_folder(ckpt)
+    trained = dict(model.named_parameters())
+    fresh = _model()
+    assert not torch.equal(trained["thing.transformer.tgt_embed.weight"],
+                           fresh.state_dict()["thing.transformer.tgt_embed.weight"])  # fmt: skip
+    for name, p in fresh.text.named_parameters():  # MiniLM as shipped
+        assert torch.equal(p, trained[f"text.{name}"]), name
+    predictor = ReleasePredictor(model, min_size=96)
+    image = np.asarray(samples[0].image.permute(1, 2, 0))
+    result = predictor.universal(image, things=list(THING_CLASSES), stuff=list(STUFF_CLASSES))
+    assert result.panoptic_seg.shape == image.shape[:2]
