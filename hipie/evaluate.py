@@ -23,6 +23,10 @@ from PIL import Image
 
 from hipie.evaluation.metrics import PanopticImage, PanopticResult, panoptic_quality, rgb_to_id
 
+# The released architecture's predictor has no flat semantic task; its panoptic, instance, part
+# (semantic part segmentation from the part pass) and grounding outputs are scored.
+RELEASE_TASKS = ("panoptic", "instance", "referring", "parts")
+
 __all__ = ["evaluate_panoptic_files", "evaluate_synthetic", "main"]
 
 
@@ -100,13 +104,20 @@ def evaluate_synthetic(
     """
     import hipie
     from hipie.evaluation.benchmark import TASKS, evaluate_scenes
+    from hipie.modeling.hipie_release import HipieRelease
+    from hipie.release_hierarchy import ReleaseHierarchyPredictor
     from hipie.synthetic.generator import SceneConfig, SceneGenerator
 
     model = hipie.build_hipie(preset, checkpoint)
-    predictor = hipie.HipiePredictor(model, device=device)
+    if isinstance(model, HipieRelease):  # the released architecture (e.g. tiny retrained on it)
+        predictor = ReleaseHierarchyPredictor(model, device=device)
+        default_tasks = RELEASE_TASKS
+    else:
+        predictor = hipie.HipiePredictor(model, device=device)
+        default_tasks = TASKS
     config = SceneConfig(width=width, height=height, held_out=held_out)
     scenes = SceneGenerator(config, seed).scenes(0, num_images)
-    result = evaluate_scenes(predictor, scenes, tasks=tuple(tasks) if tasks else TASKS)
+    result = evaluate_scenes(predictor, scenes, tasks=tuple(tasks) if tasks else default_tasks)
     result["held_out"] = held_out
     return result
 

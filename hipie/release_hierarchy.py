@@ -149,7 +149,6 @@ class ReleaseHierarchyPredictor:
             max_size=self.release.max_size,
         )
         self.vote_max_side = vote_max_side
-        self.vote_max_side = vote_max_side
         self.text_cache_size = text_cache_size
         self._prompts: OrderedDict[tuple, Prompt] = OrderedDict()
 
@@ -190,6 +189,42 @@ class ReleaseHierarchyPredictor:
 
     def panoptic(self, image, things: Sequence[str], stuff: Sequence[str]) -> Segments:
         return self.panoptic_batch([image], things, stuff)[0]
+
+    def instance(self, image, things: Sequence[str]) -> Segments:
+        """A things-only pass: the release's top-k instances, no display threshold (for AP)."""
+        things = list(things)
+        enc, size = self._encode(image)
+        det = self.release.run(enc, self.prompt(things, len(things)), size)
+        return object_segments(det, things, [], 0.0)
+
+    def parts(self, image, part_vocabulary: Sequence[str]) -> Segments:
+        """The release's part pass on its own: every "<thing> <part>" prompt a stuff class, its
+        panoptic segments as level "part" (semantic part segmentation, not per instance)."""
+        prompts = list(part_vocabulary)
+        enc, size = self._encode(image)
+        det = self.release.run(enc, self.prompt(prompts, 0), size)
+        segments = object_segments(det, [], prompts, 1.0)
+        return dataclasses.replace(segments, level=["part"] * len(segments))
+
+    def refer(self, image, expression: str) -> Segments:
+        """The release's grounding top-1 as one segment labelled with the expression."""
+        enc, size = self._encode(image)
+        with torch.no_grad():
+            prompt = self.model.encode_expression([expression])
+        inst = self.release.run(enc, prompt, size).instances
+        n, dev = len(inst), inst.masks.device
+        return Segments(
+            masks=inst.masks,
+            boxes=inst.boxes.float(),
+            labels=[expression] * n,
+            label_ids=torch.zeros(n, dtype=torch.long, device=dev),
+            scores=inst.scores.float(),
+            probs=torch.ones(n, 1, device=dev),
+            is_thing=torch.ones(n, dtype=torch.bool, device=dev),
+            parents=torch.full((n,), -1, dtype=torch.long, device=dev),
+            level=["instance"] * n,
+            vocabulary=[expression],
+        )
 
     def hierarchy_batch(
         self,

@@ -139,3 +139,11 @@ def test_training_cli_writes_a_release_checkpoint_that_resumes_and_predicts(tmp_
     image = np.asarray(samples[0].image.permute(1, 2, 0))
     result = predictor.universal(image, things=list(THING_CLASSES), stuff=list(STUFF_CLASSES))
     assert result.panoptic_seg.shape == image.shape[:2]
+    # `python -m hipie.evaluate synthetic --checkpoint <folder>` scores a release model
+    from hipie.evaluate import RELEASE_TASKS, evaluate_synthetic
+
+    scores = evaluate_synthetic(checkpoint=str(ckpt), num_images=2, width=96, height=96, seed=5)
+    assert set(RELEASE_TASKS) <= set(scores) and scores["num_images"] == 2
+    assert 0.0 <= scores["panoptic"]["All"]["pq"] <= 1.0
+    assert 0.0 <= scores["parts"]["miou_parts"] <= 1.0 and 0.0 <= scores["referring"]["oiou"] <= 1.0
+    assert scores["referring"]["n"] > 0
