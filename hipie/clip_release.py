@@ -192,6 +192,13 @@ class MaskClip:
         self.std = torch.tensor(std).view(1, 3, 1, 1)
         self._text_cache: dict[tuple[str, ...], tuple[torch.Tensor, list[int]]] = {}
 
+    def to(self, device: str | torch.device) -> MaskClip:
+        """Move the CLIP model (and the pixel statistics) to `device`."""
+        self.model.to(device)
+        self.mean, self.std = self.mean.to(device), self.std.to(device)
+        self._text_cache.clear()
+        return self
+
     @property
     def image_size(self) -> tuple[int, int]:
         size = self.model.visual.image_size

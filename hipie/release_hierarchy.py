@@ -31,7 +31,8 @@ coarse part labels; every row sums to 1):
   the score its probability;
 - coarse part: one-hot on its label, score = the best score of its fine parts.
 
-Not supported here yet: the CLIP ensemble of `vit_h_cloud` (`hipie.clip_release`) and bf16.
+With `clip=MaskClip(...)` the detection passes use the CLIP ensemble of `vit_h_cloud`
+(`hipie.clip_release`); `precision="bf16"` runs the network under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ import numpy as np
 import torch
 
 from hipie.box_ops import masks_to_boxes
+from hipie.clip_release import DEMO_SETTINGS, ClipEnsembleSettings, MaskClip
 from hipie.hierarchy import DEFAULT_PART_GROUPS, compose_part_prompts, group_parts
 from hipie.modeling.hipie_release import HipieRelease, ImageEncoding, Prompt
 from hipie.postprocess_release import (
@@ -115,9 +117,9 @@ class ReleaseHierarchyPredictor:
         min_size, max_size: the release's test resize (default: the preset's, 1024 / 2048).
         postprocess: thresholds (`ReleaseThresholds`).
         vote_max_side: passed to `hipie.vote` for dense masks (None = exact).
-        clip, precision: the labeler's options; the CLIP ensemble is not supported yet (a given
-            classifier is an error), and the release model runs in fp32 ("bf16" is accepted and
-            ignored, so that its post-processing keeps the release's numbers).
+        clip: a `hipie.clip_release.MaskClip` for the release's CLIP ensemble (`vit_h_cloud`),
+            or None; clip_settings: its alpha / beta / temperature (the demo's by default).
+        precision: "fp32", or "bf16" (the network under bf16 autocast; post-processing fp32).
         text_cache_size: number of prompts (vocabularies) whose BERT features are kept.
     """
 
@@ -130,17 +132,27 @@ class ReleaseHierarchyPredictor:
         max_size: int | None = None,
         postprocess: ReleaseThresholds | None = None,
         vote_max_side: int | None = None,
-        clip=None,
+        clip: MaskClip | None = None,
+        clip_settings: ClipEnsembleSettings = DEMO_SETTINGS,
         precision: str = "fp32",
         text_cache_size: int = 8,
     ) -> None:
-        if clip is not None:
-            raise ValueError("the CLIP ensemble is not supported with a release checkpoint yet")
-        if precision not in ("fp32", "bf16"):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+        if clip is not None and not isinstance(clip, MaskClip):
+            raise TypeError(
+                f"a release model takes a hipie.clip_release.MaskClip as clip, not {type(clip)}"
+            )
         if device is not None:
             model = model.to(device)
-        self.release = ReleasePredictor(model, min_size=min_size, max_size=max_size)
+            if clip is not None:
+                clip.to(device)
+        self.release = ReleasePredictor(
+            model,
+            min_size=min_size,
+            max_size=max_size,
+            clip=clip,
+            clip_settings=clip_settings,
+            precision=precision,
+        )
         self.model = self.release.model
         self.device = self.model.device
         self.config = ReleaseHierarchyConfig(

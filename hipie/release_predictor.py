@@ -8,6 +8,11 @@ edge, PIL bilinear on the uint8 image), encodes the image once and runs passes o
 - `universal(image, things=[], stuff=["person head", ...])`: the release's part pass;
 - `refer(image, expression)`: the grounding top-1;
 - `parts(...)`: the demo's part masks inside the instances of a things pass.
+
+`clip=MaskClip(...)` turns on the CLIP ensemble of `vit_h_cloud` (`hipie.clip_release`) for the
+detection passes (the release's grounding with CLIP indexes past its queries, so grounding runs
+without it). `precision="bf16"` runs the network under bf16 autocast (for GPUs); the
+post-processing stays in fp32.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from hipie.clip_release import DEMO_SETTINGS, ClipEnsemble, ClipEnsembleSettings, MaskClip
 from hipie.modeling.hipie_release import HipieRelease, ImageEncoding, Prompt
 from hipie.modeling.image_input import resize_shortest_edge
 from hipie.modeling.vl_align import token_to_class_logits
@@ -41,7 +47,12 @@ class ReleasePredictor:
         min_size: int | None = None,
         max_size: int | None = None,
         bg_cls_agnostic: bool | None = None,
+        clip: MaskClip | None = None,
+        clip_settings: ClipEnsembleSettings = DEMO_SETTINGS,
+        precision: str = "fp32",
     ) -> None:
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
         settings = getattr(model, "settings", None)
         self.model = model.eval()
         self.min_size = min_size or (settings.min_size_test if settings else 1024)
@@ -49,6 +60,12 @@ class ReleasePredictor:
         if bg_cls_agnostic is None:
             bg_cls_agnostic = bool(settings and settings.bg_cls_agnostic)
         self.bg_cls_agnostic = bg_cls_agnostic
+        self.clip, self.clip_settings = clip, clip_settings
+        self.precision = precision
+
+    def _autocast(self):
+        device = self.model.device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     # ------------------------------------------------------------------------------ pieces
     @torch.no_grad()
@@ -60,14 +77,17 @@ class ReleasePredictor:
                 f"expected an (H, W, 3) uint8 RGB image, got {image.shape} {image.dtype}"
             )
         resized = resize_shortest_edge(image, self.min_size, self.max_size)
-        return self.model.encode_image([resized]), (image.shape[0], image.shape[1])
+        with self._autocast():
+            enc = self.model.encode_image([resized])
+        return enc, (image.shape[0], image.shape[1])
 
     @torch.no_grad()
     def run(
         self, enc: ImageEncoding, prompt: Prompt, output_size: tuple[int, int]
     ) -> ReleaseResult:
         """One pass on an encoded image, post-processed as `HIPIE_IMG.inference` does."""
-        out = self.model.forward_pass(enc, prompt)
+        with self._autocast():
+            out = self.model.forward_pass(enc, prompt)
         thing, nb = out.thing, out.thing.num_background
         n = prompt.num_classes
         thing_mode, stuff_mode = class_logit_modes(
@@ -81,7 +101,8 @@ class ReleasePredictor:
             is_thing=prompt.is_thing, mode=thing_mode,
         )[0]  # fmt: skip
         rows = torch.arange(nb, thing.token_logits.shape[1], device=thing_cls.device)
-        thing_masks = self.model.thing.mask_logits(thing, rows, image_size).float()
+        with self._autocast():
+            thing_masks = self.model.thing.mask_logits(thing, rows, image_size).float()
         stuff_cls = stuff_masks = None
         if not prompt.grounding:
             stuff_cls = token_to_class_logits(
@@ -89,10 +110,14 @@ class ReleasePredictor:
                 is_thing=prompt.is_thing, mode=stuff_mode,
             )[0]  # fmt: skip
             stuff_masks = enc.stuff.pred_masks[0].float()
+        clip = None
+        if self.clip is not None and not prompt.grounding:
+            pixels = enc.images[0].to(thing_cls.device).float() / 255.0  # resized, unpadded
+            clip = ClipEnsemble(self.clip, pixels, prompt.class_names, self.clip_settings)
         return postprocess_release(
             thing_cls, thing.boxes[0, nb:].float(), thing.iou_logits[0, nb:].float(), thing_masks,
             stuff_cls, stuff_masks, image_size, output_size, prompt.is_thing,
-            task="grounding" if prompt.grounding else "detection",
+            task="grounding" if prompt.grounding else "detection", clip=clip,
         )  # fmt: skip
 
     # ------------------------------------------------------------------------------ tasks

@@ -36,6 +36,7 @@ class ImageEncoding:
     masks: list[torch.Tensor]  # their padding masks (B, h_l, w_l), True at padding
     stuff: MaskDINODecoderOutput  # the whole MaskDINO branch; only its VL head sees a prompt
     image_sizes: list[tuple[int, int]]  # (h, w) of each image before padding
+    images: list[torch.Tensor] | None = None  # the (3, h, w) inputs (for the CLIP ensemble)
 
 
 @dataclass
@@ -107,7 +108,7 @@ class HipieRelease(nn.Module):
         srcs, masks = self.input_proj([feats[k] for k in BACKBONE_LEVELS], mask)
         mask_features, levels, _ = self.stuff.pixel_decoder(feats)
         stuff = self.stuff.predictor(levels, mask_features)
-        return ImageEncoding(srcs, masks, stuff, sizes)
+        return ImageEncoding(srcs, masks, stuff, sizes, list(images))
 
     # ------------------------------------------------------------------------------ text
     def encode_classes(
