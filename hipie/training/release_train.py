@@ -116,6 +116,7 @@ def _save(out_dir: Path, model, optimizer, scheduler, step: int, cfg, history) -
         "torch_rng": torch.get_rng_state(),
     }
     torch.save(state, tmp / STATE_FILE)
+    (out_dir / "history.json").write_text(json.dumps(history))  # readable while a run goes on
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
