@@ -170,8 +170,8 @@ def main() -> None:
 
     from hipie import HipiePredictor, build_hipie, rle_torch
     from pipeline.decode import unpack_sam_masks
-    from pipeline.job import decode_record
     from pipeline.labeler import replace_classes, segments_to_masks
+    from pipeline.transform import decode_record
 
     scale = args.model_side / max(args.height, args.width)
     model_h, model_w = round(args.height * scale), round(args.width * scale)

@@ -57,7 +57,7 @@ def _main(argv: list[str] | None) -> int:
         os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
     import fiftyone as fo
 
-    from pipeline import fiftyone_io
+    from pipeline import fiftyone_fields, fiftyone_io
 
     if args.labels:
         dataset, result = fiftyone_io.ingest_labels(
@@ -70,7 +70,7 @@ def _main(argv: list[str] | None) -> int:
             f"dataset {dataset.name!r}: {len(dataset)} samples; this ingest added {result.added}, "
             f"unchanged {result.unchanged}, replaced {result.replaced}, "
             f"new versions {result.versioned}, error rows {result.errors}, "
-            f"unreadable images {result.media_errors} (tag {fiftyone_io.MEDIA_ERROR_TAG!r})",
+            f"unreadable images {result.media_errors} (tag {fiftyone_fields.MEDIA_ERROR_TAG!r})",
             flush=True,
         )
     elif fo.dataset_exists(args.dataset):

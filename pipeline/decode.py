@@ -188,6 +188,30 @@ def decode_image_for_model(
     return _resize(rgb, model_input_size(height, width, max_side)), (height, width)
 
 
+def array_for_model(
+    pixels, *, max_pixels: int, max_side: int | None = None
+) -> tuple[np.ndarray, tuple[int, int]]:
+    """An already decoded image (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) as (h, w, 3) uint8 RGB
+    resized for the model like ``decode_image_for_model``, and its own (height, width).
+    An alpha channel is dropped; values of other dtypes are clipped to 0..255."""
+    arr = np.asarray(pixels)
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+        raise ImageDecodeError(f"not an image array: shape {arr.shape}")
+    if arr.shape[2] == 1:
+        arr = np.repeat(arr, 3, axis=2)
+    arr = arr[:, :, :3]
+    if arr.dtype != np.uint8:
+        arr = np.clip(arr, 0, 255).astype(np.uint8)
+    h, w = arr.shape[:2]
+    if h * w > max_pixels:
+        raise ImageDecodeError(f"{w}x{h} pixels, more than max_pixels={max_pixels}")
+    if h == 0 or w == 0:
+        raise ImageDecodeError("empty image array")
+    return resize_to_model(np.ascontiguousarray(arr), max_side), (h, w)
+
+
 def _failure_reason(what: str, e: Exception) -> str:
     text = str(e)
     if "truncat" in text.lower() or isinstance(e, EOFError) or "end of" in text.lower():

@@ -31,10 +31,10 @@ from itertools import zip_longest
 import fiftyone as fo
 from fiftyone import ViewField as F
 
+from pipeline.fiftyone_fields import ERROR_TAG, MEDIA_ERROR_TAG, REVIEWED_TAG
+from pipeline.fiftyone_read import label_prefixes
+
 LEVEL_NAMES = ("instances", "stuff", "parts", "subparts")  # the level fields, without prefix
-REVIEWED_TAG = "reviewed"
-ERROR_TAG = "label-error"
-MEDIA_ERROR_TAG = "media-error"  # as pipeline.fiftyone_io tags samples whose image is unreadable
 MARGIN_FIELD = "min_margin"
 VIEW_NAMES = ("needs review", "errors", "reviewed")
 
@@ -231,8 +231,6 @@ def refresh_review(dataset: fo.Dataset) -> dict[str, str]:
     """``setup_review`` for every label field of ``dataset`` (ingested and ``apply_model``),
     after reviewers' edits: margins, ``instance_label``, colours (renamed classes get one), saved
     views. Returns the saved views {name: slug}."""
-    from pipeline.fiftyone_read import label_prefixes
-
     classes = [
         c
         for v in dataset.info.get("vocabularies", {}).values()

@@ -40,7 +40,6 @@ import os
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import fiftyone as fo
@@ -49,15 +48,18 @@ from fiftyone import ViewField as F
 
 import schemas
 from pipeline.export import label_files
-from pipeline.review_media import MediaResolver  # also importable from here, as before
+from pipeline.fiftyone_app import setup_review
+from pipeline.fiftyone_fields import (
+    ERROR_TAG,
+    FIELD_LEVELS,
+    LEVEL_FIELDS,
+    MEDIA_ERROR_TAG,
+    REVIEWED_TAG,
+    run_id,
+    version_suffix,
+)
+from pipeline.review_media import MediaResolver
 from schemas import rle as rle_utils
-
-LEVEL_FIELDS = {"instance": "instances", "part": "parts", "subpart": "subparts", "stuff": "stuff"}
-FIELD_LEVELS = {field: level for level, field in LEVEL_FIELDS.items()}
-REVIEWED_TAG = "reviewed"
-ERROR_TAG = "label-error"
-MEDIA_ERROR_TAG = "media-error"  # the image cannot be shown; ``media_error`` says why
-RUN_SEPARATOR = " | "
 
 
 # --------------------------------------------------------------------------- results
@@ -71,27 +73,6 @@ class IngestResult:
     versioned: int  # samples whose new run went into new version fields
     errors: int  # error rows among the ingested rows
     media_errors: int = 0  # new samples whose image could not be materialized (tagged)
-
-
-# --------------------------------------------------------------------------- naming
-def run_id(row: dict) -> str:
-    """The labeling run of a row: model, vocabulary hash and labeling time."""
-    labeled_at = row.get("labeled_at")
-    stamp = labeled_at.isoformat() if isinstance(labeled_at, datetime) else str(labeled_at or "")
-    return RUN_SEPARATOR.join([row.get("model") or "", row.get("vocabulary_hash") or "", stamp])
-
-
-def parse_run_id(run: str) -> tuple[str, str, datetime | None]:
-    """(model, vocabulary_hash, labeled_at) of a run id made by ``run_id``."""
-    model, vocabulary_hash, stamp = run.rsplit(RUN_SEPARATOR, 2)
-    return model, vocabulary_hash, datetime.fromisoformat(stamp) if stamp else None
-
-
-def version_suffix(version: int) -> str:
-    """Field name suffix of a label version: "" for 1, "_v<n>" after."""
-    if version < 1:
-        raise ValueError(f"versions start at 1, got {version}")
-    return "" if version == 1 else f"_v{version}"
 
 
 # --------------------------------------------------------------------------- rows -> labels
@@ -376,13 +357,11 @@ def ingest_labels(
         dataset.info["vocabularies"] = vocabularies
         dataset.save()
     if totals["added"] or totals["replaced"] or totals["versioned"]:
-        from pipeline.fiftyone_app import setup_review  # colours, min_margin, saved views
-
         classes = [
             c
             for v in vocabularies.values()
             for k in ("things", "stuff", "parts")
             for c in v.get(k, [])
         ]
-        setup_review(dataset, vocabulary=classes)
+        setup_review(dataset, vocabulary=classes)  # colours, min_margin, saved views
     return dataset, IngestResult(**totals)

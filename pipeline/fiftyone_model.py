@@ -35,7 +35,7 @@ import numpy as np
 
 import schemas
 from hipie.config import PostprocessConfig
-from pipeline import fiftyone_app, fiftyone_io, fiftyone_read
+from pipeline import fiftyone_app, fiftyone_fields, fiftyone_io, fiftyone_read
 from pipeline.labeler import Labeler
 from pipeline.vocabulary import Vocabulary, load_vocabulary
 from schemas import rle as rle_utils
@@ -77,7 +77,7 @@ class HipieModel(fom.Model, fom.SamplesMixin):
             raise TypeError(f"unknown thresholds {sorted(unknown)}; known: {list(THRESHOLDS)}")
         import torch
 
-        from pipeline.job import LabelJobConfig
+        from pipeline.job_config import LabelJobConfig
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +141,7 @@ class HipieModel(fom.Model, fom.SamplesMixin):
     def __enter__(self):
         stamp = datetime.now(timezone.utc)
         self._labeled_at = stamp
-        self._run = fiftyone_io.run_id(
+        self._run = fiftyone_fields.run_id(
             {
                 "model": self.labeler.model,
                 "vocabulary_hash": self.vocabulary.hash,
@@ -239,9 +239,9 @@ class HipieModel(fom.Model, fom.SamplesMixin):
             dataset.add_sample_field(error_field, fo.StringField)
         fine = view.exclude(list(failed)) if failed else view
         fine.set_field(error_field, None).save(error_field)  # an earlier run's error is gone
-        fine.untag_samples(fiftyone_io.ERROR_TAG)
+        fine.untag_samples(fiftyone_fields.ERROR_TAG)
         if failed:
-            dataset.select(list(failed)).tag_samples(fiftyone_io.ERROR_TAG)
+            dataset.select(list(failed)).tag_samples(fiftyone_fields.ERROR_TAG)
         sizes = {i: self._sizes[i] for i in view.exists("metadata", bool=False).values("id")}
         if sizes:  # image sizes, known from the decoded images (no second read of the files)
             metadata = {i: fo.ImageMetadata(width=w, height=h) for i, (w, h) in sizes.items()}

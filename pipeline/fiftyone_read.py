@@ -29,7 +29,7 @@ import fiftyone as fo
 import numpy as np
 
 import schemas
-from pipeline.fiftyone_io import FIELD_LEVELS, REVIEWED_TAG, parse_run_id, version_suffix
+from pipeline.fiftyone_fields import FIELD_LEVELS, REVIEWED_TAG, parse_run_id, version_suffix
 from schemas import rle as rle_utils
 
 RUN_FIELD = "label_run"  # apply_model: <prefix>label_run holds the run id of the sample's labels

@@ -139,7 +139,7 @@ def training_set_from_dataset(
     None: the ingest's fields if any, else the one ``apply_model`` run)."""
     import fiftyone as fo
 
-    from pipeline.fiftyone_io import MEDIA_ERROR_TAG
+    from pipeline.fiftyone_fields import MEDIA_ERROR_TAG
     from pipeline.fiftyone_read import image_paths, read_rows
 
     dataset = fo.load_dataset(name)

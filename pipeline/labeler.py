@@ -1,7 +1,7 @@
 """The Ray labeler: a callable class that labels batches of decoded images with HIPIE.
 
 ``__init__`` builds HIPIE (and the optional CLIP model and SAM) once per actor; ``__call__`` takes a
-batch of rows from ``pipeline.job.decode_record`` and returns schema-v1 rows as an Arrow table (plus
+batch of rows from ``pipeline.transform.decode_record`` and returns schema-v1 rows as an Arrow table (plus
 the end-marker columns that the job's driver uses to close shards).
 
 Per image:
@@ -26,7 +26,7 @@ import pyarrow as pa
 
 import schemas
 from pipeline.decode import unpack_sam_masks
-from pipeline.job import COUNT, END, LabelJobConfig
+from pipeline.job_config import COUNT, END, LabelJobConfig
 
 ROW_SCHEMA = schemas.LABELS_V1.append(pa.field(END, pa.bool_())).append(pa.field(COUNT, pa.int64()))
 

@@ -33,13 +33,11 @@ import pyarrow.parquet as pq
 
 import schemas
 from pipeline import sinks, storage
+from pipeline.job_config import COUNT, END, MARKER_COLUMNS
 from pipeline.sources import Shard
 from pipeline.vocabulary import Vocabulary
 
 PARTS_DIR = "_parts"
-END = "_end"  # True on a shard's end marker row (the job's reader adds it)
-COUNT = "_count"  # the shard's number of images, on the end marker
-MARKER_COLUMNS = (END, COUNT)
 
 RECORD_SCHEMA = pa.schema(
     [

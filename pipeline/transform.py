@@ -30,10 +30,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import sources
-from pipeline.job import COUNT, EMPTY_IMAGE, END, MARKER_COLUMNS, LabelJobConfig, decode_record
+from pipeline import decode, sources
+from pipeline.job_config import COUNT, END, MARKER_COLUMNS, LabelJobConfig
 
 DEFAULT_SHARD = "dataset"
+EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the image of a record that has none (yet)
 
 
 def to_record(
@@ -80,6 +81,57 @@ def to_record(
     else:
         rec["error"] = f"no image: the row has no {image_column!r}, 'data' or {uri_column!r}"
     return rec
+
+
+def decode_record(rec: dict, *, max_pixels: int, max_side: int | None = None) -> dict:
+    """Ray map (CPU task): image bytes to an RGB array and the SA-1B json to validated RLEs.
+
+    The image is resized so that its longer side is at most ``max_side`` (the model's test size;
+    None keeps the full size), so no full-resolution array travels to the labeler; ``height`` and
+    ``width`` keep the image's own size. The SAM masks travel as their RLE counts strings
+    (``sam_counts``, one per line, "" when the source has none; the RLEs are of the image's own
+    size) and a float64 array of their box, area, predicted IoU and stability score
+    (``sam_meta``, bytes of an (N, 7) array; NaN where the json has no value).
+    A failure fills ``error`` (and an empty image) instead of raising, so the row is kept.
+    A record may bring its image already decoded (``pixels``, an (H, W[, C]) array, as
+    ``ray.data.read_images`` gives; ``to_record``) instead of file bytes (``data``).
+    """
+    out = {
+        "shard": rec["shard"],
+        "image_id": rec["image_id"],
+        "uri": rec["uri"],
+        "error": rec["error"],
+        "image": EMPTY_IMAGE,
+        "height": 0,
+        "width": 0,
+        "sam_counts": "",
+        "sam_meta": b"",
+        END: rec[END],
+        COUNT: rec[COUNT],
+    }
+    if rec[END] or rec["error"]:
+        return out
+    pixels = rec.get("pixels")
+    try:
+        if pixels is not None and np.asarray(pixels).size:
+            image, (h, w) = decode.array_for_model(pixels, max_pixels=max_pixels, max_side=max_side)
+        else:
+            image, (h, w) = decode.decode_image_for_model(
+                rec["data"], max_pixels=max_pixels, max_side=max_side
+            )
+    except decode.ImageDecodeError as exc:
+        out["error"] = f"cannot decode image: {exc.reason}"
+        return out
+    out.update(image=image, height=h, width=w)
+    if rec["has_sam_json"]:
+        try:
+            masks = decode.decode_sam_json(rec["sam_json"], w, h)
+        except decode.MaskDecodeError as exc:
+            out["error"] = f"cannot use the SAM mask json: {exc.reason}"
+            out["image"] = EMPTY_IMAGE
+            return out
+        out["sam_counts"], out["sam_meta"] = decode.pack_sam_masks(masks)
+    return out
 
 
 def prepare_row(row: dict, *, max_pixels: int, max_side: int | None, **columns) -> dict:

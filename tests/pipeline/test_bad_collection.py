@@ -31,7 +31,7 @@ def test_bad_collection_is_labeled_reviewed_and_exported(
 ):
     from jobs import export as export_job
     from jobs import review as review_job
-    from pipeline.fiftyone_io import ERROR_TAG, MEDIA_ERROR_TAG
+    from pipeline.fiftyone_fields import ERROR_TAG, MEDIA_ERROR_TAG
 
     corpus = build_bad_corpus(tmp_path / "corpus")
     out = tmp_path / "labels"

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import fiftyone_app, fiftyone_io
+from pipeline import fiftyone_app, fiftyone_fields, fiftyone_io
 from tests.pipeline.conftest import write_labels
 
 LEVELS = ("instances", "stuff", "parts", "subparts")
@@ -106,7 +106,7 @@ def test_samples_whose_image_cannot_be_shown_are_errors_not_in_needs_review(
     assert result.media_errors == 2  # gone-1 and the error row's missing file
 
     tags = dict(zip(*dataset.values(["image_id", "tags"])))
-    assert tags["gone-1"] == [fiftyone_io.MEDIA_ERROR_TAG]
+    assert tags["gone-1"] == [fiftyone_fields.MEDIA_ERROR_TAG]
     assert dataset.match(F("image_id") == "gone-1").values("min_margin")[0] is not None
     needs = dataset.load_saved_view("needs review").values("image_id")
     assert "gone-1" not in needs and "broken-1" not in needs

@@ -182,7 +182,7 @@ def test_read_back_equals_the_ingested_rows(fiftyone_db, dataset_name, labels_di
 
 
 def test_media_paths_stay_inside_the_media_folder(fiftyone_db, tmp_path):
-    from pipeline.fiftyone_io import MediaResolver
+    from pipeline.review_media import MediaResolver
 
     media = MediaResolver(media_dir=tmp_path / "media")
     evil = media.target("tar:///data/sa_000001.tar#../../../etc/passwd")

@@ -227,7 +227,7 @@ def test_killed_driver_then_rerun_has_no_missing_and_no_duplicated_rows(ray_loca
 def test_rerun_ignores_and_removes_orphan_part_files(ray_local, tmp_path):
     """Part files that no record names (left by a killed driver or a dead actor) are never
     counted: the rerun removes them and writes each image exactly once."""
-    from pipeline import parts, sources
+    from pipeline import job_config, parts, sources
 
     folder = _photo_folder(tmp_path / "photos", 4)
     out = tmp_path / "labels"
@@ -240,8 +240,8 @@ def test_rerun_ignores_and_removes_orphan_part_files(ray_local, tmp_path):
             for i in ids
         ]
         batch = schemas.rows_to_table(rows)
-        batch = batch.append_column(parts.END, pa.array([False] * len(ids)))
-        batch = batch.append_column(parts.COUNT, pa.array([0] * len(ids), pa.int64()))
+        batch = batch.append_column(job_config.END, pa.array([False] * len(ids)))
+        batch = batch.append_column(job_config.COUNT, pa.array([0] * len(ids), pa.int64()))
         parts.write_parts(batch, output=str(out))
     assert len(list((out / parts.PARTS_DIR).rglob("*.parquet"))) == 2
 

@@ -13,8 +13,10 @@ import schemas
 from hipie.synthetic.generator import SceneGenerator, write_sa1b_shard
 from pipeline import sources
 from pipeline.decode import unpack_sam_masks
-from pipeline.job import COUNT, END, LabelJobConfig, decode_record, read_shard
+from pipeline.job import read_shard
+from pipeline.job_config import COUNT, END, LabelJobConfig
 from pipeline.labeler import Labeler, replace_classes
+from pipeline.transform import decode_record
 from pipeline.vocabulary import Vocabulary
 from schemas import rle
 

@@ -20,7 +20,7 @@ from hipie import build_hipie
 from hipie.modeling.hipie_release import HipieRelease
 from hipie.release_hierarchy import ReleaseHierarchyPredictor
 from pipeline import decode
-from pipeline.job import COUNT, END, LabelJobConfig
+from pipeline.job_config import COUNT, END, LabelJobConfig
 from pipeline.labeler import Labeler
 from pipeline.vocabulary import Vocabulary
 from schemas import rle

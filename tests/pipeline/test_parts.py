@@ -13,7 +13,8 @@ import pytest
 import schemas
 from pipeline import parts, sinks
 from pipeline.export import label_files
-from pipeline.parts import COUNT, END, PARTS_DIR, ShardCommitter, write_parts
+from pipeline.job_config import COUNT, END
+from pipeline.parts import PARTS_DIR, ShardCommitter, write_parts
 from pipeline.sources import Shard
 from pipeline.vocabulary import Vocabulary
 

@@ -55,7 +55,8 @@ def _cut_tar(path: Path, jpg: bytes) -> None:
 def test_unreadable_media_become_tagged_samples_and_ingest_goes_on(
     fiftyone_db, dataset_name, tmp_path
 ):
-    from pipeline.fiftyone_io import MEDIA_ERROR_TAG, ingest_rows, open_dataset
+    from pipeline.fiftyone_fields import MEDIA_ERROR_TAG
+    from pipeline.fiftyone_io import ingest_rows, open_dataset
 
     jpg = encode(gradient_rgb(24, 32), "JPEG")
     photo = tmp_path / "photo.jpg"
