@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 
 import schemas
-from pipeline.decode import decode_image
-from pipeline.job import LabelJobConfig, run_label_job
+from pipeline.labeling.config import LabelJobConfig
+from pipeline.labeling.job import run_label_job
+from pipeline.sources.decode import decode_image
 from pipeline.vocabulary import Vocabulary
 from tests.pipeline.badinputs import build_bad_corpus
 
@@ -31,7 +32,7 @@ def test_bad_collection_is_labeled_reviewed_and_exported(
 ):
     from jobs import export as export_job
     from jobs import review as review_job
-    from pipeline.fiftyone_fields import ERROR_TAG, MEDIA_ERROR_TAG
+    from pipeline.review.fields import ERROR_TAG, MEDIA_ERROR_TAG
 
     corpus = build_bad_corpus(tmp_path / "corpus")
     out = tmp_path / "labels"

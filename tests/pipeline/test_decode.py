@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.decode import (
+from pipeline.sources.decode import (
     ImageDecodeError,
     MaskDecodeError,
     SamMask,

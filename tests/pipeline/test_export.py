@@ -14,7 +14,7 @@ from PIL import Image
 
 import schemas
 from jobs import export as export_job
-from pipeline import export
+from pipeline.export import formats
 from schemas import rle
 from tests.pipeline.conftest import write_labels
 
@@ -132,7 +132,7 @@ def test_corrections_in_the_dataset_show_up_in_the_export(
 ):
     from pycocotools.coco import COCO
 
-    from pipeline.fiftyone_io import ingest_labels
+    from pipeline.review.ingest import ingest_labels
 
     dataset, _ = ingest_labels(labels_dir, dataset_name)
     keys, instances = dataset.values(["image_id", "instances"])
@@ -181,4 +181,4 @@ def test_corrections_in_the_dataset_show_up_in_the_export(
 
 def test_unknown_format_is_refused():
     with pytest.raises(ValueError, match="unknown format"):
-        export.export_rows([], "unused", format="voc")
+        formats.export_rows([], "unused", format="voc")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline import fiftyone_app, fiftyone_fields, fiftyone_io
+from pipeline.review import app, fields, ingest
 from tests.pipeline.conftest import write_labels
 
 LEVELS = ("instances", "stuff", "parts", "subparts")
@@ -25,7 +25,7 @@ def test_ingest_sets_instance_labels_margins_colours_and_saved_views(
 ):
     from fiftyone import ViewField as F
 
-    dataset, _ = fiftyone_io.ingest_labels(labels_dir, dataset_name, media_dir=tmp_path / "media")
+    dataset, _ = ingest.ingest_labels(labels_dir, dataset_name, media_dir=tmp_path / "media")
 
     # parts and subparts name their instance's class; the sidebar can filter on it
     checked = 0
@@ -80,7 +80,7 @@ def test_ingest_sets_instance_labels_margins_colours_and_saved_views(
     assert len({colours[label] for label in present}) == len(present)
 
     # a second ingest of other labels keeps the colours of the classes already there
-    fiftyone_app.set_color_scheme(dataset, list(LEVELS), ["zebra", "aardvark"])
+    app.set_color_scheme(dataset, list(LEVELS), ["zebra", "aardvark"])
     again = {
         v["value"]: v["color"]
         for v in next(f for f in dataset.app_config.color_scheme.fields if f["path"] == "stuff")[
@@ -102,11 +102,11 @@ def test_samples_whose_image_cannot_be_shown_are_errors_not_in_needs_review(
     gone = copy.deepcopy(next(r for r in label_rows if r["image_id"] == "439180"))
     gone.update(image_id="gone-1", uri=str(coco_sample / "input_images" / "moved-away.jpg"))
     labels = write_labels(label_rows + [gone], tmp_path / "labels", coco_rows[1])
-    dataset, result = fiftyone_io.ingest_labels(labels, dataset_name, media_dir=tmp_path / "media")
+    dataset, result = ingest.ingest_labels(labels, dataset_name, media_dir=tmp_path / "media")
     assert result.media_errors == 2  # gone-1 and the error row's missing file
 
     tags = dict(zip(*dataset.values(["image_id", "tags"])))
-    assert tags["gone-1"] == [fiftyone_fields.MEDIA_ERROR_TAG]
+    assert tags["gone-1"] == [fields.MEDIA_ERROR_TAG]
     assert dataset.match(F("image_id") == "gone-1").values("min_margin")[0] is not None
     needs = dataset.load_saved_view("needs review").values("image_id")
     assert "gone-1" not in needs and "broken-1" not in needs

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import fiftyone_io, fiftyone_read
+from pipeline.review import ingest, read
 from schemas import rle
 from tests.pipeline.conftest import add_parts, write_labels
 
@@ -68,7 +68,7 @@ def test_our_coco_export_loads_in_fiftyone_with_masks(
             assert det.label == names[ann["category_id"]]
             assert det.mask is not None
             assert det.confidence == ann["score"]
-            full = fiftyone_read.full_mask(det, w, h)
+            full = read.full_mask(det, w, h)
             mask = next(m for m in row["masks"] if m["mask_id"] == ann["hipie_mask_id"])
             assert _iou(full, rle.decode(mask["rle"])) == 1.0
             checked += 1
@@ -83,7 +83,7 @@ def test_a_coco_export_made_by_fiftyone_trains_with_jobs_train(
     fo = fiftyone_db
     rows, vocabulary = coco_rows
     labels = write_labels(rows, tmp_path / "labels", vocabulary)
-    dataset, _ = fiftyone_io.ingest_labels(labels, dataset_name, media_dir=tmp_path / "media")
+    dataset, _ = ingest.ingest_labels(labels, dataset_name, media_dir=tmp_path / "media")
     export_dir = tmp_path / "fo_coco"
     dataset.export(
         export_dir=str(export_dir),

@@ -27,8 +27,8 @@ def _by_image(dataset, field):
 
 
 def test_ingest_counts_parents_masks_and_media(fiftyone_db, dataset_name, labels_dir, label_rows):
-    from pipeline.fiftyone_io import ingest_labels
-    from pipeline.fiftyone_read import full_mask
+    from pipeline.review.ingest import ingest_labels
+    from pipeline.review.read import full_mask
 
     dataset, result = ingest_labels(labels_dir, dataset_name)
     assert (result.added, result.unchanged, result.versioned, result.errors) == (4, 0, 0, 1)
@@ -79,7 +79,7 @@ def test_ingest_counts_parents_masks_and_media(fiftyone_db, dataset_name, labels
 
 
 def test_second_ingest_duplicates_nothing(fiftyone_db, dataset_name, labels_dir):
-    from pipeline.fiftyone_io import ingest_labels
+    from pipeline.review.ingest import ingest_labels
 
     dataset, _ = ingest_labels(labels_dir, dataset_name)
     before = dataset.values(["instances.detections.id", "parts.detections.parent_id", "filepath"])
@@ -97,8 +97,8 @@ def test_second_ingest_duplicates_nothing(fiftyone_db, dataset_name, labels_dir)
 def test_reviewed_and_edited_samples_survive_a_new_run(
     fiftyone_db, dataset_name, labels_dir, label_rows, coco_rows, tmp_path
 ):
-    from pipeline.fiftyone_io import ingest_labels
-    from pipeline.fiftyone_read import read_rows
+    from pipeline.review.ingest import ingest_labels
+    from pipeline.review.read import read_rows
 
     dataset, _ = ingest_labels(labels_dir, dataset_name)
     # a reviewer renames the first instance of 142238 and tags it reviewed; another edits 439180
@@ -158,8 +158,8 @@ def test_reviewed_and_edited_samples_survive_a_new_run(
 
 def test_read_back_equals_the_ingested_rows(fiftyone_db, dataset_name, labels_dir, label_rows):
     import schemas
-    from pipeline.fiftyone_io import ingest_labels
-    from pipeline.fiftyone_read import read_rows
+    from pipeline.review.ingest import ingest_labels
+    from pipeline.review.read import read_rows
 
     dataset, _ = ingest_labels(labels_dir, dataset_name)
     rows, reviewed = read_rows(dataset)
@@ -182,7 +182,7 @@ def test_read_back_equals_the_ingested_rows(fiftyone_db, dataset_name, labels_di
 
 
 def test_media_paths_stay_inside_the_media_folder(fiftyone_db, tmp_path):
-    from pipeline.review_media import MediaResolver
+    from pipeline.review.media import MediaResolver
 
     media = MediaResolver(media_dir=tmp_path / "media")
     evil = media.target("tar:///data/sa_000001.tar#../../../etc/passwd")
@@ -192,7 +192,7 @@ def test_media_paths_stay_inside_the_media_folder(fiftyone_db, tmp_path):
 
 
 def test_decode_crop_equals_a_crop_of_the_full_decode(fiftyone_db):
-    from pipeline.fiftyone_io import decode_crop
+    from pipeline.review.ingest import decode_crop
 
     rng = np.random.default_rng(0)
     checked = 0

@@ -14,7 +14,7 @@ from hipie.synthetic.generator import SceneGenerator
 
 LEVELS = ("instances", "stuff", "parts", "subparts")
 LEVEL_OF = {"instances": "instance", "stuff": "stuff", "parts": "part", "subparts": "subpart"}
-# the detection attributes that pipeline.fiftyone_io writes at ingest
+# the detection attributes that pipeline.review.ingest writes at ingest
 INGEST_ATTRS = {
     "mask_id", "level", "model_label", "topk_labels", "topk_scores", "origin", "sam_iou",
     "sam_stability", "area",
@@ -46,7 +46,7 @@ def _sam_detections(scene) -> object:
 def applied(fiftyone_db, coco_sample, tmp_path_factory):
     """One dataset, the model applied twice: plain (``hipie``) and voting onto ``sam`` (``voted``)."""
     fo = fiftyone_db
-    from pipeline.fiftyone_model import HipieModel
+    from pipeline.review.model import HipieModel
 
     folder = tmp_path_factory.mktemp("apply-model")
     samples = []

@@ -30,7 +30,7 @@ def photos(fiftyone_db, coco_sample):
     """A dataset of the two COCO photos as a user has it (no image_id, no ingest fields), labeled
     with ``apply_model(..., label_field="hipie")``."""
     fo = fiftyone_db
-    from pipeline.fiftyone_model import HipieModel
+    from pipeline.review.model import HipieModel
 
     name = "apply-model-export-test"
     if fo.dataset_exists(name):
@@ -47,7 +47,7 @@ def photos(fiftyone_db, coco_sample):
 
 def _masks_by_key(dataset, prefix: str) -> dict[tuple[str, int], tuple[str, str, np.ndarray]]:
     """{(file name, mask_id): (level, label, full mask)} of every detection in the dataset."""
-    from pipeline.fiftyone_read import full_mask
+    from pipeline.review.read import full_mask
 
     out = {}
     for sample in dataset:
@@ -131,7 +131,7 @@ def test_a_wrong_label_field_is_a_usage_error(photos, tmp_path, capsys):
 
 def test_jobs_train_reads_apply_model_labels(photos, tmp_path):
     from jobs.train import build_parser, training_set_from_args
-    from pipeline.finetune_data import RowDataset
+    from pipeline.finetune.data import RowDataset
 
     args = build_parser().parse_args(
         ["--dataset", photos.name, "--label-field", "hipie", "--tag", "", "--output", "x"]
@@ -166,7 +166,7 @@ def test_a_renamed_instance_reaches_its_parts_in_export_and_dataset(photos, tmp_
     from fiftyone import ViewField as F
 
     from jobs.review import main as review
-    from pipeline.finetune_data import training_set_from_dataset
+    from pipeline.finetune.data import training_set_from_dataset
 
     dataset = photos.clone("apply-model-rename-test")
     try:
@@ -215,9 +215,9 @@ def test_ingested_parts_and_subparts_follow_a_renamed_instance(
     fiftyone_db, labels_dir, dataset_name, tmp_path
 ):
     from jobs.review import main as review
-    from pipeline import fiftyone_app, fiftyone_io
+    from pipeline.review import app, ingest
 
-    dataset, _ = fiftyone_io.ingest_labels(labels_dir, dataset_name, media_dir=tmp_path / "media")
+    dataset, _ = ingest.ingest_labels(labels_dir, dataset_name, media_dir=tmp_path / "media")
     sample = next(s for s in dataset if s.image_id == "439180")
     parts = {d.id: d for d in sample.parts.detections}
     parents = {p.parent_id for p in parts.values()}
@@ -228,11 +228,11 @@ def test_ingested_parts_and_subparts_follow_a_renamed_instance(
     subs = [s for s in sample.subparts.detections if s.parent_id in {p.id for p in own}]
     assert own and subs and all(p.instance_label != "android" for p in own + subs)
 
-    assert fiftyone_app.refresh_instance_labels(dataset) == len(own) + len(subs)
+    assert app.refresh_instance_labels(dataset) == len(own) + len(subs)
     sample.reload()
     for det in sample.parts.detections + sample.subparts.detections:
         assert (det.instance_label == "android") == (det.id in {d.id for d in own + subs})
-    assert fiftyone_app.refresh_instance_labels(dataset) == 0  # nothing stale is left
+    assert app.refresh_instance_labels(dataset) == 0  # nothing stale is left
     assert review(["--dataset", dataset_name]) == 0  # the command runs the same refresh
 
     _export(dataset_name, "coco", tmp_path / "coco")
@@ -243,7 +243,7 @@ def test_ingested_parts_and_subparts_follow_a_renamed_instance(
 def test_two_apply_model_runs_need_a_choice_and_the_ingest_fields_are_the_default(photos):
     import fiftyone as fo
 
-    from pipeline.fiftyone_read import label_prefixes, read_rows, resolve_prefix
+    from pipeline.review.read import label_prefixes, read_rows, resolve_prefix
 
     dataset = photos.clone("apply-model-two-runs-test")
     try:

@@ -42,15 +42,16 @@ from PIL import Image
 import schemas
 from hipie.evaluation.metrics import PanopticImage, panoptic_quality
 from hipie.synthetic.generator import CATEGORIES, SceneConfig, SceneGenerator, category_id
-from pipeline.finetune import FinetuneConfig, run_finetune, shard_indices
-from pipeline.finetune_data import (
+from pipeline.finetune.data import (
     row_to_sample,
     training_set_from_coco,
     training_set_from_dataset,
     training_set_from_labels,
     training_set_from_rows,
 )
-from pipeline.job import LabelJobConfig, run_label_job
+from pipeline.finetune.train import FinetuneConfig, run_finetune, shard_indices
+from pipeline.labeling.config import LabelJobConfig
+from pipeline.labeling.job import run_label_job
 from pipeline.vocabulary import Vocabulary
 from schemas import rle
 
@@ -193,7 +194,7 @@ def test_shards_are_disjoint_per_epoch_and_a_function_of_the_step():
 
 
 def test_rows_become_hierarchical_targets_and_coco_export_round_trips(tmp_path):
-    from pipeline.export import export_coco
+    from pipeline.export.formats import export_coco
 
     scenes, rows = write_scenes(tmp_path / "img", seed=5, n=2)
     ts = training_set_from_rows(rows)
@@ -232,7 +233,7 @@ def test_rows_become_hierarchical_targets_and_coco_export_round_trips(tmp_path):
 # --------------------------------------------------------------------------- the loop
 @pytest.fixture(scope="module")
 def loop(ray_local, fiftyone_db, tmp_path_factory):
-    from pipeline.fiftyone_io import ingest_rows, open_dataset, row_labels
+    from pipeline.review.ingest import ingest_rows, open_dataset, row_labels
 
     fo = fiftyone_db
     root = tmp_path_factory.mktemp("loop")

@@ -16,8 +16,9 @@ import pyarrow as pa
 from PIL import Image
 
 import schemas
-from pipeline import sinks
-from pipeline.job import LabelJobConfig, run_label_job
+from pipeline.labeling import sinks
+from pipeline.labeling.config import LabelJobConfig
+from pipeline.labeling.job import run_label_job
 from pipeline.vocabulary import Vocabulary
 from tests.pipeline.badinputs import build_bad_corpus
 
@@ -227,21 +228,23 @@ def test_killed_driver_then_rerun_has_no_missing_and_no_duplicated_rows(ray_loca
 def test_rerun_ignores_and_removes_orphan_part_files(ray_local, tmp_path):
     """Part files that no record names (left by a killed driver or a dead actor) are never
     counted: the rerun removes them and writes each image exactly once."""
-    from pipeline import job_config, parts, sources
+    from pipeline.labeling import parts
+    from pipeline.labeling.config import COUNT, END
+    from pipeline.sources.listing import list_shards
 
     folder = _photo_folder(tmp_path / "photos", 4)
     out = tmp_path / "labels"
     config = _config([folder], out, folder_shard_size=2)
     # Orphans for both shards of the folder: bogus error rows, under the real shard names.
-    names = [s.name for s in sources.list_shards([str(folder)], shard_size=2)]
+    names = [s.name for s in list_shards([str(folder)], shard_size=2)]
     for name, ids in zip(names, (["img_000.png", "img_001.png"], ["img_002.png"])):
         rows = [
             schemas.make_error_row(image_id=i, uri="orphan", shard=name, error="orphan")
             for i in ids
         ]
         batch = schemas.rows_to_table(rows)
-        batch = batch.append_column(job_config.END, pa.array([False] * len(ids)))
-        batch = batch.append_column(job_config.COUNT, pa.array([0] * len(ids), pa.int64()))
+        batch = batch.append_column(END, pa.array([False] * len(ids)))
+        batch = batch.append_column(COUNT, pa.array([0] * len(ids), pa.int64()))
         parts.write_parts(batch, output=str(out))
     assert len(list((out / parts.PARTS_DIR).rglob("*.parquet"))) == 2
 

@@ -11,12 +11,12 @@ import pytest
 
 import schemas
 from hipie.synthetic.generator import SceneGenerator, write_sa1b_shard
-from pipeline import sources
-from pipeline.decode import unpack_sam_masks
-from pipeline.job import read_shard
-from pipeline.job_config import COUNT, END, LabelJobConfig
-from pipeline.labeler import Labeler, replace_classes
-from pipeline.transform import decode_record
+from pipeline.labeling.config import COUNT, END, LabelJobConfig
+from pipeline.labeling.job import read_shard
+from pipeline.labeling.labeler import Labeler, replace_classes
+from pipeline.labeling.transform import decode_record
+from pipeline.sources.decode import unpack_sam_masks
+from pipeline.sources.listing import list_shards
 from pipeline.vocabulary import Vocabulary
 from schemas import rle
 
@@ -79,7 +79,7 @@ def test_labeler_turns_records_into_schema_rows(labeler, tmp_path):
         info = tarfile.TarInfo("sa_9.jpg")
         info.size = 5
         t.addfile(info, io.BytesIO(b"nope!"))
-    shard = sources.list_shards([str(tar)])[0]
+    shard = list_shards([str(tar)])[0]
     records = [decode_record(r, max_pixels=10**8) for r in read_shard({"index": 0}, shards=[shard])]
     batch = {k: np.array([r[k] for r in records], dtype=object) for k in records[0]}
     table = labeler(batch)
@@ -117,7 +117,7 @@ def test_parts_are_labeled_among_their_things_parts(tmp_path):
     labeler = Labeler(config)
     tar = tmp_path / "sa_000000.tar"
     write_sa1b_shard(SceneGenerator(seed=11).scenes(0, 3), tar)
-    shard = sources.list_shards([str(tar)])[0]
+    shard = list_shards([str(tar)])[0]
     records = [decode_record(r, max_pixels=10**8) for r in read_shard({"index": 0}, shards=[shard])]
     with_sam = {k: np.array([r[k] for r in records], dtype=object) for k in records[0]}
     hipie_only = dict(with_sam, sam_masks=np.array([None] * len(records), dtype=object))
@@ -152,7 +152,7 @@ def test_images_resized_in_the_decode_task_get_labels_at_their_own_size(tmp_path
     )
     tar = tmp_path / "sa_000000.tar"
     write_sa1b_shard(SceneGenerator(seed=5).scenes(0, 2), tar)
-    shard = sources.list_shards([str(tar)])[0]
+    shard = list_shards([str(tar)])[0]
     records = [
         decode_record(r, max_pixels=10**8, max_side=100)
         for r in read_shard({"index": 0}, shards=[shard])
@@ -178,7 +178,7 @@ def test_images_resized_in_the_decode_task_get_labels_at_their_own_size(tmp_path
 
 
 def test_model_input_side_from_the_config_alone(tmp_path):
-    from pipeline.labeler import model_input_side
+    from pipeline.labeling.labeler import model_input_side
 
     assert model_input_side("tiny") == 320
     assert model_input_side("random:r50") is None  # the released architecture: shortest edge

@@ -19,9 +19,9 @@ import schemas
 from hipie import build_hipie
 from hipie.modeling.hipie_release import HipieRelease
 from hipie.release_hierarchy import ReleaseHierarchyPredictor
-from pipeline import decode
-from pipeline.job_config import COUNT, END, LabelJobConfig
-from pipeline.labeler import Labeler
+from pipeline.labeling.config import COUNT, END, LabelJobConfig
+from pipeline.labeling.labeler import Labeler
+from pipeline.sources import decode
 from pipeline.vocabulary import Vocabulary
 from schemas import rle
 from tests.hipie.release.reference import write_release_checkpoint

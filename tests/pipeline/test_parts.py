@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from pipeline import parts, sinks
-from pipeline.export import label_files
-from pipeline.job_config import COUNT, END
-from pipeline.parts import PARTS_DIR, ShardCommitter, write_parts
-from pipeline.sources import Shard
+from pipeline.export.formats import label_files
+from pipeline.labeling import parts, sinks
+from pipeline.labeling.config import COUNT, END
+from pipeline.labeling.parts import PARTS_DIR, ShardCommitter, write_parts
+from pipeline.sources.listing import Shard
 from pipeline.vocabulary import Vocabulary
 
 VOCABULARY = Vocabulary.from_lists(things=["robot"], stuff=["sky"], parts=["head"])

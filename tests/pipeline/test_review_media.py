@@ -55,8 +55,8 @@ def _cut_tar(path: Path, jpg: bytes) -> None:
 def test_unreadable_media_become_tagged_samples_and_ingest_goes_on(
     fiftyone_db, dataset_name, tmp_path
 ):
-    from pipeline.fiftyone_fields import MEDIA_ERROR_TAG
-    from pipeline.fiftyone_io import ingest_rows, open_dataset
+    from pipeline.review.fields import MEDIA_ERROR_TAG
+    from pipeline.review.ingest import ingest_rows, open_dataset
 
     jpg = encode(gradient_rgb(24, 32), "JPEG")
     photo = tmp_path / "photo.jpg"
@@ -107,7 +107,7 @@ def test_unreadable_media_become_tagged_samples_and_ingest_goes_on(
     assert (again.added, again.unchanged) == (0, 7)
 
     # fine-tuning from the dataset takes only the samples that have an image
-    from pipeline.finetune_data import training_set_from_dataset
+    from pipeline.finetune.data import training_set_from_dataset
 
     training = training_set_from_dataset(dataset_name, tag=None)
     assert sorted(r["image_id"] for r in training.rows) == ["member-ok", "plain"]

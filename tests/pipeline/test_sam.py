@@ -13,8 +13,8 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from pipeline.decode import SamMask
-from pipeline.sam import BatchedMaskGenerator, build_sam, encode_rles
+from pipeline.masks.sam import BatchedMaskGenerator, build_sam, encode_rles
+from pipeline.sources.decode import SamMask
 
 
 def textured_patches(h: int, w: int, seed: int, n: int = 4) -> np.ndarray:

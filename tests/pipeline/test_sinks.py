@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import schemas
-from pipeline.sinks import (
+from pipeline.labeling.sinks import (
     SUMMARY_NAME,
     RunRecord,
     ShardStats,
@@ -24,7 +24,7 @@ from pipeline.sinks import (
     write_shard,
     write_summary,
 )
-from pipeline.sources import Shard, list_shards
+from pipeline.sources.listing import Shard, list_shards
 from pipeline.vocabulary import Vocabulary
 from tests.pipeline.badinputs import encode, gradient_rgb, rect_rle
 

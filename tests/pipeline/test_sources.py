@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.decode import ImageDecodeError, MaskDecodeError, decode_image, decode_sam_json
-from pipeline.sources import (
+from pipeline.sources.decode import ImageDecodeError, MaskDecodeError, decode_image, decode_sam_json
+from pipeline.sources.listing import (
     ImageRecord,
     Shard,
     iter_shard,

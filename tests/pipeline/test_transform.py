@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 import schemas
-from pipeline.job import LabelJobConfig
-from pipeline.transform import label_dataset
+from pipeline.labeling.config import LabelJobConfig
+from pipeline.labeling.transform import label_dataset
 from pipeline.vocabulary import Vocabulary
 from schemas import rle
 

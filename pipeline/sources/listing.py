@@ -59,7 +59,7 @@ MAX_SKIP_EXAMPLES = 5  # paths kept per skip reason
 
 @dataclass(frozen=True, kw_only=True)
 class ImageRecord:
-    """One image of a source, undecoded (decoding is ``pipeline.decode``'s job)."""
+    """One image of a source, undecoded (decoding is ``pipeline.sources.decode``'s job)."""
 
     image_id: str  # stable id, unique within its shard (see the module docstring)
     uri: str  # where it came from; tar members as "tar://<tar uri>#<member name>"

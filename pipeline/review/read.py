@@ -3,10 +3,10 @@
 One reading path for ``jobs.export --dataset`` and ``jobs.train --dataset``, for both ways labels
 get into a dataset:
 
-- the ingest (``jobs.review``, ``pipeline.fiftyone_io``): the plain fields ``instances``,
+- the ingest (``jobs.review``, ``pipeline.review.ingest``): the plain fields ``instances``,
   ``stuff``, ``parts``, ``subparts`` (version *n* in ``instances_v<n>``, ...), the run ids in
   ``label_runs``, the key in ``image_id``. Its label field prefix is ``""``.
-- ``dataset.apply_model(HipieModel(...), label_field="hipie")`` (``pipeline.fiftyone_model``):
+- ``dataset.apply_model(HipieModel(...), label_field="hipie")`` (``pipeline.review.model``):
   ``hipie_instances``, ..., the run id in ``hipie_label_run``, the error in
   ``hipie_label_error``. Its prefix is ``"hipie_"``; one version only (a new ``apply_model`` with
   the same ``label_field`` overwrites it).
@@ -29,7 +29,7 @@ import fiftyone as fo
 import numpy as np
 
 import schemas
-from pipeline.fiftyone_fields import FIELD_LEVELS, REVIEWED_TAG, parse_run_id, version_suffix
+from pipeline.review.fields import FIELD_LEVELS, REVIEWED_TAG, parse_run_id, version_suffix
 from schemas import rle as rle_utils
 
 RUN_FIELD = "label_run"  # apply_model: <prefix>label_run holds the run id of the sample's labels

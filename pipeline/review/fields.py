@@ -1,7 +1,7 @@
 """How labels are laid out in a FiftyOne dataset: the level fields, the tags, run ids, versions.
 
-Shared by the ingest (``pipeline.fiftyone_io``), the App setup (``pipeline.fiftyone_app``), the
-read-back (``pipeline.fiftyone_read``) and the FiftyOne model (``pipeline.fiftyone_model``); it
+Shared by the ingest (``pipeline.review.ingest``), the App setup (``pipeline.review.app``), the
+read-back (``pipeline.review.read``) and the FiftyOne model (``pipeline.review.model``); it
 imports none of them, so the review modules import one way only.
 """
 

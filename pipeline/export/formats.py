@@ -1,7 +1,7 @@
 """Export schema-v1 label rows to training sets: COCO instances, COCO panoptic, Parquet.
 
 The rows come from label Parquet files (``rows_from_labels``) or from a reviewed FiftyOne dataset
-(``pipeline.fiftyone_read.read_rows``, which returns the reviewers' current values). This module does
+(``pipeline.review.read.read_rows``, which returns the reviewers' current values). This module does
 not import FiftyOne.
 
 Categories (COCO and COCO panoptic):

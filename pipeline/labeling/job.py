@@ -1,7 +1,8 @@
 """The labeling job on Ray Data: read shards, decode on CPU tasks, label in an actor pool, write
 part files where the rows are made, commit one Parquet file per input shard.
 
-Flow (all streaming; ``pipeline.transform.label_dataset`` is the decode + label part)::
+Flow (all streaming; ``pipeline.labeling.transform.label_dataset`` is the decode + label
+part)::
 
     shards ─flat_map(read)─► records ─map(decode)─► images ─map_batches(Labeler)─► rows
       ─map_batches(write_parts)─► <output>/_parts/<shard>/*.parquet, and part records
@@ -12,10 +13,10 @@ Every image a source yields becomes exactly one row: reading, decoding and label
 turned into ``error`` rows where they happen. After the last image of a shard the reader emits an
 *end marker* carrying the shard's image count; it travels through decode and labeling untouched.
 The rows never reach the driver: it gets the part records (shard, part path, image ids) and
-starts the shard's commit (``pipeline.parts.commit_shard``: merge, validate, write atomically)
-once the end marker's count of images is accounted for. A rerun removes the part files of killed
+starts the shard's commit (``pipeline.labeling.parts.commit_shard``: merge, validate, write
+atomically) once the end marker's count of images is accounted for. A rerun removes the part files of killed
 runs and skips shards whose file is complete, so a killed job resumes where it stopped and never
-duplicates rows (see ``pipeline.parts`` for exactly-once).
+duplicates rows (see ``pipeline.labeling.parts`` for exactly-once).
 """
 
 from __future__ import annotations
@@ -23,20 +24,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from pipeline import parts, sinks, sources
-from pipeline.job_config import COUNT, END, LabelJobConfig
-from pipeline.transform import label_dataset
+from pipeline.labeling import parts, sinks
+from pipeline.labeling.config import COUNT, END, LabelJobConfig
+from pipeline.labeling.transform import label_dataset
+from pipeline.sources.listing import Shard, iter_shard, list_inputs
 
 # Ray CPUs of a shard's commit task (reads its parts, writes one file): none, so that commits
 # are never starved by the streaming stages on small clusters.
 COMMIT_CPUS = 0.0
 
 
-def read_shard(item: dict, *, shards: list[sources.Shard]) -> Iterator[dict]:
+def read_shard(item: dict, *, shards: list[Shard]) -> Iterator[dict]:
     """Ray flat_map: the records of shard ``item["index"]``, then its end marker."""
     shard = shards[item["index"]]
     n = 0
-    for rec in sources.iter_shard(shard):
+    for rec in iter_shard(shard):
         n += 1
         yield {
             "shard": shard.name,
@@ -72,7 +74,7 @@ def run_label_job(config: LabelJobConfig, *, progress: bool = True) -> sinks.Run
 
     ray.data.DataContext.get_current().enable_progress_bars = progress
     vocabulary = config.vocabulary
-    listing = sources.list_inputs(list(config.inputs), shard_size=config.folder_shard_size)
+    listing = list_inputs(list(config.inputs), shard_size=config.folder_shard_size)
     shards = listing.shards
     sinks.clean_temporaries(config.output)
     parts.clean_parts(config.output)  # part files of killed runs: named by no record

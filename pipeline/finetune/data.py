@@ -4,7 +4,7 @@ A `TrainingSet` holds the ok rows to train on and the class vocabulary taken fro
 (new class names are welcome: the text encoder is open-vocabulary). Rows come from
 
 - a FiftyOne dataset (`training_set_from_dataset`: the reviewers' current values of the samples
-  with a tag, default ``reviewed``, read back with `pipeline.fiftyone_read.read_rows`),
+  with a tag, default ``reviewed``, read back with `pipeline.review.read.read_rows`),
 - label Parquet files (`training_set_from_labels`), or
 - a COCO instances JSON (`training_set_from_coco`), e.g. the one `python -m jobs.export` writes,
   whose categories carry ``level`` and whose annotations carry ``hipie_mask_id`` /
@@ -135,12 +135,12 @@ def training_set_from_dataset(
     """The samples of FiftyOne dataset ``name`` tagged ``tag`` (all samples when None), with the
     reviewers' current labels; images are read from the samples' local files (samples whose
     image could not be materialized at ingest, tagged ``media-error``, are left out).
-    ``label_field``: the ``apply_model`` labels to read (``pipeline.fiftyone_read.read_rows``;
+    ``label_field``: the ``apply_model`` labels to read (``pipeline.review.read.read_rows``;
     None: the ingest's fields if any, else the one ``apply_model`` run)."""
     import fiftyone as fo
 
-    from pipeline.fiftyone_fields import MEDIA_ERROR_TAG
-    from pipeline.fiftyone_read import image_paths, read_rows
+    from pipeline.review.fields import MEDIA_ERROR_TAG
+    from pipeline.review.read import image_paths, read_rows
 
     dataset = fo.load_dataset(name)
     view = dataset.match_tags(tag) if tag else dataset
@@ -151,7 +151,7 @@ def training_set_from_dataset(
 
 def training_set_from_labels(labels: str | os.PathLike) -> TrainingSet:
     """Every ok row of the label Parquet files under ``labels``."""
-    from pipeline.export import rows_from_labels
+    from pipeline.export.formats import rows_from_labels
 
     rows, _ = rows_from_labels(labels)
     return training_set_from_rows(rows)
@@ -294,8 +294,8 @@ class RowDataset(Dataset):
 
     def __getitem__(self, index: int):
         from hipie.training.data import resize_sample
-        from pipeline.decode import decode_image
-        from pipeline.sources import read_uri
+        from pipeline.sources.decode import decode_image
+        from pipeline.sources.listing import read_uri
 
         row = self.rows[index]
         image = decode_image(read_uri(row["uri"]))

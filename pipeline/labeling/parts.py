@@ -32,9 +32,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 import schemas
-from pipeline import sinks, storage
-from pipeline.job_config import COUNT, END, MARKER_COLUMNS
-from pipeline.sources import Shard
+from pipeline import storage
+from pipeline.labeling import sinks
+from pipeline.labeling.config import COUNT, END, MARKER_COLUMNS
+from pipeline.sources.listing import Shard
 from pipeline.vocabulary import Vocabulary
 
 PARTS_DIR = "_parts"

@@ -2,7 +2,7 @@
 
 Flow::
 
-    TrainingSet (reviewed rows + classes, pipeline.finetune_data)
+    TrainingSet (reviewed rows + classes, pipeline.finetune.data)
         ──► TorchTrainer: N workers (one per GPU on a cluster; CPU workers with gloo locally)
               each: build HIPIE (or resume from ray.train.get_checkpoint()), DDP via
               ray.train.torch.prepare_model, its shard of every step's images, the losses of
@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.finetune_data import RowDataset, TrainingSet
+from pipeline.finetune.data import RowDataset, TrainingSet
 
 __all__ = ["FinetuneConfig", "FinetuneResult", "run_finetune", "shard_indices", "train_worker"]
 

@@ -30,8 +30,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import decode, sources
-from pipeline.job_config import COUNT, END, MARKER_COLUMNS, LabelJobConfig
+from pipeline.labeling.config import COUNT, END, MARKER_COLUMNS, LabelJobConfig
+from pipeline.sources import decode
+from pipeline.sources.listing import read_uri
 
 DEFAULT_SHARD = "dataset"
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the image of a record that has none (yet)
@@ -45,7 +46,7 @@ def to_record(
     masks_column: str = "sam_json",
     shard: str = DEFAULT_SHARD,
 ) -> dict:
-    """A user's row as a reader record of ``pipeline.job`` (see the module docstring)."""
+    """A user's row as a reader record of ``pipeline.labeling.job`` (see the module docstring)."""
     pixels = row.get(image_column)
     pixels = EMPTY_IMAGE if pixels is None else np.asarray(pixels)
     uri = str(row.get(uri_column) or row.get("path") or "")
@@ -75,7 +76,7 @@ def to_record(
         rec["data"] = bytes(data)
     elif uri:
         try:
-            rec["data"] = sources.read_uri(uri)
+            rec["data"] = read_uri(uri)
         except Exception as exc:  # noqa: BLE001 - a row that cannot be read is an error row
             rec["error"] = f"cannot read {uri}: {type(exc).__name__}: {exc}"
     else:
@@ -148,7 +149,7 @@ def drop_markers(batch: pa.Table) -> pa.Table:
 
 
 def _model_input_side(checkpoint: str) -> int | None:
-    from pipeline.labeler import model_input_side
+    from pipeline.labeling.labeler import model_input_side
 
     return model_input_side(checkpoint)
 
@@ -170,14 +171,14 @@ def label_dataset(
         config: the model, vocabulary and Ray resources (``inputs`` and ``output`` are not used).
         image_column, uri_column, masks_column: names of the input columns.
         shard: the ``shard`` value of rows that have no ``shard`` column.
-        keep_markers: keep the end-marker rows and columns (``pipeline.job``'s use).
+        keep_markers: keep the end-marker rows and columns (``pipeline.labeling.job``'s use).
     Returns:
         A ``ray.data.Dataset`` with the ``schemas.LABELS_V1`` columns, one row per input row
         (in no particular order).
     """
     import ray
 
-    from pipeline.labeler import Labeler
+    from pipeline.labeling.labeler import Labeler
 
     # Images are resized to the model's size in the decode tasks, unless SAM makes masks from
     # them in the labeler (at the image's own size). The size is read in a task: finding it

@@ -1,8 +1,8 @@
 """The Ray labeler: a callable class that labels batches of decoded images with HIPIE.
 
-``__init__`` builds HIPIE (and the optional CLIP model and SAM) once per actor; ``__call__`` takes a
-batch of rows from ``pipeline.transform.decode_record`` and returns schema-v1 rows as an Arrow table (plus
-the end-marker columns that the job's driver uses to close shards).
+``__init__`` builds HIPIE (and the optional CLIP model and SAM) once per actor; ``__call__``
+takes a batch of rows from ``pipeline.labeling.transform.decode_record`` and returns schema-v1
+rows as an Arrow table (plus the end-marker columns that the job's driver uses to close shards).
 
 Per image:
 1. HIPIE's hierarchy on one image encoding: the things+stuff pass and the part pass (Sec. 3.7).
@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 
 import schemas
-from pipeline.decode import unpack_sam_masks
-from pipeline.job_config import COUNT, END, LabelJobConfig
+from pipeline.labeling.config import COUNT, END, LabelJobConfig
+from pipeline.sources.decode import unpack_sam_masks
 
 ROW_SCHEMA = schemas.LABELS_V1.append(pa.field(END, pa.bool_())).append(pa.field(COUNT, pa.int64()))
 
@@ -225,7 +225,7 @@ class Labeler:
         )
         self.sam = None
         if config.sam_checkpoint:
-            from pipeline.sam import BatchedMaskGenerator, build_sam
+            from pipeline.masks.sam import BatchedMaskGenerator, build_sam
 
             self.sam = BatchedMaskGenerator(
                 build_sam(config.sam_model_type, config.sam_checkpoint, self.device)
@@ -257,7 +257,7 @@ class Labeler:
         RLE-encoded once, straight to the image size, for the rows and the vote alike.
         """
         from hipie import rle_torch
-        from pipeline.decode import resize_to_model
+        from pipeline.sources.decode import resize_to_model
 
         sizes = list(sizes) if sizes is not None else [im.shape[:2] for im in images]
         if self.sam is not None:

@@ -2,7 +2,7 @@
 
 Layout of one sample (one image, keyed by ``image_id``):
 
-- ``filepath``: a local image file (``pipeline.review_media``). Plain paths are kept; ``file://``
+- ``filepath``: a local image file (``pipeline.review.media``). Plain paths are kept; ``file://``
   is stripped; SA-1B members ``tar://<tar path>#<member>`` are extracted (that member only) into
   ``media_dir``; other remote URIs are copied there with fsspec. ``uri`` keeps the original URI, ``shard`` the input shard.
 - ``instances``, ``parts``, ``subparts``, ``stuff``: ``fo.Detections``, one per mask level. Each
@@ -23,7 +23,7 @@ Layout of one sample (one image, keyed by ``image_id``):
   still ingested with its labels, tagged ``media-error``, and ``media_error`` holds the reason;
   the ingest goes on.
 
-Reading the labels back as rows (export, fine-tuning) is ``pipeline.fiftyone_read``.
+Reading the labels back as rows (export, fine-tuning) is ``pipeline.review.read``.
 
 Ingest rules (see ``ingest_rows``): a run id the sample already holds changes nothing (idempotent);
 a newer run of an existing sample goes into the next version's fields and never overwrites the
@@ -47,9 +47,9 @@ import numpy as np
 from fiftyone import ViewField as F
 
 import schemas
-from pipeline.export import label_files
-from pipeline.fiftyone_app import setup_review
-from pipeline.fiftyone_fields import (
+from pipeline.export.formats import label_files
+from pipeline.review.app import setup_review
+from pipeline.review.fields import (
     ERROR_TAG,
     FIELD_LEVELS,
     LEVEL_FIELDS,
@@ -58,7 +58,7 @@ from pipeline.fiftyone_fields import (
     run_id,
     version_suffix,
 )
-from pipeline.review_media import MediaResolver
+from pipeline.review.media import MediaResolver
 from schemas import rle as rle_utils
 
 

@@ -1,7 +1,7 @@
 """HIPIE as a FiftyOne model: ``dataset.apply_model(HipieModel(...), label_field="hipie")``.
 
     import fiftyone as fo
-    from pipeline.fiftyone_model import HipieModel
+    from pipeline.review.model import HipieModel
 
     model = HipieModel(checkpoint="tiny", vocabulary="synthetic", score_threshold=0.3)
     dataset.apply_model(model, label_field="hipie", batch_size=8)
@@ -16,10 +16,10 @@ parts and subparts), ``hipie_label_run`` (model | vocabulary hash | time) and ``
 (for an image that failed; the sample is tagged ``label-error``). When ``apply_model`` returns, the
 model (a context manager, which ``apply_model`` enters) stores ``hipie_min_margin``, the App's
 colour scheme and the saved views ``hipie: needs review``, ``hipie: errors``, ``hipie: reviewed``
-(``pipeline.fiftyone_app``).
+(``pipeline.review.app``).
 
-The labeling itself is ``pipeline.labeler.Labeler`` (the Ray job's code: hierarchy pass, vote,
-replace classes) and the conversion is ``pipeline.fiftyone_io.row_labels`` (the ingest's code).
+The labeling itself is ``pipeline.labeling.labeler.Labeler`` (the Ray job's code: hierarchy pass,
+vote, replace classes) and the conversion is ``pipeline.review.ingest.row_labels`` (the ingest's code).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ import numpy as np
 
 import schemas
 from hipie.config import PostprocessConfig
-from pipeline import fiftyone_app, fiftyone_fields, fiftyone_io, fiftyone_read
-from pipeline.labeler import Labeler
+from pipeline.labeling.labeler import Labeler
+from pipeline.review import app, fields, ingest, read
 from pipeline.vocabulary import Vocabulary, load_vocabulary
 from schemas import rle as rle_utils
 
@@ -77,7 +77,7 @@ class HipieModel(fom.Model, fom.SamplesMixin):
             raise TypeError(f"unknown thresholds {sorted(unknown)}; known: {list(THRESHOLDS)}")
         import torch
 
-        from pipeline.job_config import LabelJobConfig
+        from pipeline.labeling.config import LabelJobConfig
 
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -141,7 +141,7 @@ class HipieModel(fom.Model, fom.SamplesMixin):
     def __enter__(self):
         stamp = datetime.now(timezone.utc)
         self._labeled_at = stamp
-        self._run = fiftyone_fields.run_id(
+        self._run = fields.run_id(
             {
                 "model": self.labeler.model,
                 "vocabulary_hash": self.vocabulary.hash,
@@ -221,7 +221,7 @@ class HipieModel(fom.Model, fom.SamplesMixin):
             row = schemas.make_error_row(error=failure, **common)
         else:
             row = schemas.make_ok_row(masks=masks, **common)
-        labels: dict = dict(fiftyone_io.row_labels(row))
+        labels: dict = dict(ingest.row_labels(row))
         labels["label_run"] = self._run
         if failure:  # a None would leave FiftyOne no type to declare; finish() clears old errors
             labels["label_error"] = failure
@@ -239,9 +239,9 @@ class HipieModel(fom.Model, fom.SamplesMixin):
             dataset.add_sample_field(error_field, fo.StringField)
         fine = view.exclude(list(failed)) if failed else view
         fine.set_field(error_field, None).save(error_field)  # an earlier run's error is gone
-        fine.untag_samples(fiftyone_fields.ERROR_TAG)
+        fine.untag_samples(fields.ERROR_TAG)
         if failed:
-            dataset.select(list(failed)).tag_samples(fiftyone_fields.ERROR_TAG)
+            dataset.select(list(failed)).tag_samples(fields.ERROR_TAG)
         sizes = {i: self._sizes[i] for i in view.exists("metadata", bool=False).values("id")}
         if sizes:  # image sizes, known from the decoded images (no second read of the files)
             metadata = {i: fo.ImageMetadata(width=w, height=h) for i, (w, h) in sizes.items()}
@@ -253,7 +253,7 @@ class HipieModel(fom.Model, fom.SamplesMixin):
             dataset.info["vocabularies"] = vocabularies
             dataset.save()
         classes = list(self.vocabulary.labels) + list(self.vocabulary.parts)
-        fiftyone_app.setup_review(dataset, prefix=prefix, samples=view, vocabulary=classes)
+        app.setup_review(dataset, prefix=prefix, samples=view, vocabulary=classes)
 
     def _prefix(self, dataset: fo.Dataset, sample_id: str) -> str | None:
         """The ``label_field`` prefix ``apply_model`` used: the field holding this run's id."""
@@ -288,7 +288,7 @@ def detections_to_sam(value, width: int, height: int) -> list[dict] | None:
     for det in value.detections:
         if det.mask is None:
             continue
-        dense = fiftyone_read.full_mask(det, width, height)
+        dense = read.full_mask(det, width, height)
         if not dense.any():
             continue
         rle = rle_utils.encode(dense)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline import decode
+from pipeline.sources import decode
 from pipeline.vocabulary import Vocabulary
 
 END = "_end"  # True on a shard's end marker row (the job's reader adds it)

@@ -6,8 +6,9 @@ through ``pyarrow.fs``, see ``pipeline.storage``)::
     <output>/<shard name>.parquet     one per shard, schema v1, written atomically
     <output>/_summary.json            totals over all complete shards + one record per run
                                       (with the input files it skipped, by reason)
-    <output>/_parts/<shard>/...       part files of shards being labeled (``pipeline.parts``);
-                                      never read as labels, removed when the shard is committed
+    <output>/_parts/<shard>/...       part files of shards being labeled
+                                      (``pipeline.labeling.parts``); never read as labels,
+                                      removed when the shard is committed
 
 A shard's file is written once all of its rows are in, under a temporary name that is then
 renamed (on object stores: as one object, which appears only once complete), so a file under the
@@ -41,7 +42,7 @@ import pyarrow.compute as pc
 
 import schemas
 from pipeline import storage
-from pipeline.sources import Shard
+from pipeline.sources.listing import Shard
 from pipeline.vocabulary import Vocabulary
 
 OUTPUT_SUFFIX = ".parquet"

@@ -38,7 +38,7 @@ Where results can differ from the stock generator (all floating point, none by d
 - ``autocast_dtype="bfloat16"`` runs encoder and decoder under bf16 autocast (meant for CUDA,
   where it is several times faster; it works on CPU too): no longer the stock's numbers, masks
   agree approximately (``bench/amg_speed.py --autocast bfloat16`` measures how well).
-- Records are ``pipeline.decode.SamMask``: ``bbox`` is the stock's ``[x0, y0, x1 - x0, y1 - y0]``
+- Records are ``pipeline.sources.decode.SamMask``: ``bbox`` is the stock's ``[x0, y0, x1 - x0, y1 - y0]``
   with inclusive ``x1, y1`` (one less than pycocotools' ``toBbox`` width/height); ``point_coords``
   and ``crop_box`` of the stock records are not kept. The order of the masks is the stock's
   (NMS order, best score first).
@@ -71,7 +71,7 @@ from segment_anything.utils.amg import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
-from pipeline.decode import SamMask
+from pipeline.sources.decode import SamMask
 
 # Elements (float32) of full-size logits materialized at once while computing stability/boxes.
 _MAX_UPSAMPLE_ELEMENTS = 2**27

@@ -1,7 +1,8 @@
 """How a HIPIE dataset looks in the FiftyOne App: colours by class, saved views, uncertainty first.
 
-``setup_review(dataset, prefix=...)`` is run by the ingest (``pipeline.fiftyone_io.ingest_labels``,
-so ``jobs.review``) and after ``dataset.apply_model(HipieModel(...))``. It
+``setup_review(dataset, prefix=...)`` is run by the ingest
+(``pipeline.review.ingest.ingest_labels``, so ``jobs.review``) and after
+``dataset.apply_model(HipieModel(...))``. It
 
 - stores ``<prefix>min_margin`` on every sample: the smallest top-1 minus top-2 score margin over
   the sample's masks (all four level fields; a mask with a single top-k score has margin top-1;
@@ -31,8 +32,8 @@ from itertools import zip_longest
 import fiftyone as fo
 from fiftyone import ViewField as F
 
-from pipeline.fiftyone_fields import ERROR_TAG, MEDIA_ERROR_TAG, REVIEWED_TAG
-from pipeline.fiftyone_read import label_prefixes
+from pipeline.review.fields import ERROR_TAG, MEDIA_ERROR_TAG, REVIEWED_TAG
+from pipeline.review.read import label_prefixes
 
 LEVEL_NAMES = ("instances", "stuff", "parts", "subparts")  # the level fields, without prefix
 MARGIN_FIELD = "min_margin"
