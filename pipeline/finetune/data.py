@@ -295,7 +295,7 @@ class RowDataset(Dataset):
     def __getitem__(self, index: int):
         from hipie.training.data import resize_sample
         from pipeline.sources.decode import decode_image
-        from pipeline.sources.listing import read_uri
+        from pipeline.sources.reading import read_uri
 
         row = self.rows[index]
         image = decode_image(read_uri(row["uri"]))

@@ -27,7 +27,8 @@ from collections.abc import Iterator
 from pipeline.labeling import parts, sinks
 from pipeline.labeling.config import COUNT, END, LabelJobConfig
 from pipeline.labeling.transform import label_dataset
-from pipeline.sources.listing import Shard, iter_shard, list_inputs
+from pipeline.sources.listing import Shard, list_inputs
+from pipeline.sources.reading import iter_shard
 
 # Ray CPUs of a shard's commit task (reads its parts, writes one file): none, so that commits
 # are never starved by the streaming stages on small clusters.

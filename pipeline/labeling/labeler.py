@@ -26,7 +26,7 @@ import pyarrow as pa
 
 import schemas
 from pipeline.labeling.config import COUNT, END, LabelJobConfig
-from pipeline.sources.decode import unpack_sam_masks
+from pipeline.masks.sam_json import unpack_sam_masks
 
 ROW_SCHEMA = schemas.LABELS_V1.append(pa.field(END, pa.bool_())).append(pa.field(COUNT, pa.int64()))
 
@@ -225,7 +225,8 @@ class Labeler:
         )
         self.sam = None
         if config.sam_checkpoint:
-            from pipeline.masks.sam import BatchedMaskGenerator, build_sam
+            from pipeline.masks.build import build_sam
+            from pipeline.masks.sam import BatchedMaskGenerator
 
             self.sam = BatchedMaskGenerator(
                 build_sam(config.sam_model_type, config.sam_checkpoint, self.device)

@@ -31,8 +31,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.labeling.config import COUNT, END, MARKER_COLUMNS, LabelJobConfig
+from pipeline.masks import sam_json
 from pipeline.sources import decode
-from pipeline.sources.listing import read_uri
+from pipeline.sources.reading import read_uri
 
 DEFAULT_SHARD = "dataset"
 EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)  # the image of a record that has none (yet)
@@ -126,12 +127,12 @@ def decode_record(rec: dict, *, max_pixels: int, max_side: int | None = None) ->
     out.update(image=image, height=h, width=w)
     if rec["has_sam_json"]:
         try:
-            masks = decode.decode_sam_json(rec["sam_json"], w, h)
-        except decode.MaskDecodeError as exc:
+            masks = sam_json.decode_sam_json(rec["sam_json"], w, h)
+        except sam_json.MaskDecodeError as exc:
             out["error"] = f"cannot use the SAM mask json: {exc.reason}"
             out["image"] = EMPTY_IMAGE
             return out
-        out["sam_counts"], out["sam_meta"] = decode.pack_sam_masks(masks)
+        out["sam_counts"], out["sam_meta"] = sam_json.pack_sam_masks(masks)
     return out
 
 

@@ -38,7 +38,7 @@ Where results can differ from the stock generator (all floating point, none by d
 - ``autocast_dtype="bfloat16"`` runs encoder and decoder under bf16 autocast (meant for CUDA,
   where it is several times faster; it works on CPU too): no longer the stock's numbers, masks
   agree approximately (``bench/amg_speed.py --autocast bfloat16`` measures how well).
-- Records are ``pipeline.sources.decode.SamMask``: ``bbox`` is the stock's ``[x0, y0, x1 - x0, y1 - y0]``
+- Records are ``pipeline.masks.sam_json.SamMask``: ``bbox`` is the stock's ``[x0, y0, x1 - x0, y1 - y0]``
   with inclusive ``x1, y1`` (one less than pycocotools' ``toBbox`` width/height); ``point_coords``
   and ``crop_box`` of the stock records are not kept. The order of the masks is the stock's
   (NMS order, best score first).
@@ -48,21 +48,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import partial
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pycocotools import mask as mask_utils
-from segment_anything import sam_model_registry
-from segment_anything.modeling import (
-    ImageEncoderViT,
-    MaskDecoder,
-    PromptEncoder,
-    Sam,
-    TwoWayTransformer,
-)
+from segment_anything.modeling import Sam
 from segment_anything.utils.amg import (
     build_all_layer_point_grids,
     generate_crop_boxes,
@@ -71,150 +61,19 @@ from segment_anything.utils.amg import (
 from segment_anything.utils.transforms import ResizeLongestSide
 from torchvision.ops import batched_nms
 
-from pipeline.sources.decode import SamMask
+from pipeline.masks.amg import (
+    AmgConfig,
+    Candidates,
+    Crop,
+    box_from_profiles,
+    count_above,
+    encode_rles,
+    near_crop_edge,
+)
+from pipeline.masks.sam_json import SamMask
 
 # Elements (float32) of full-size logits materialized at once while computing stability/boxes.
 _MAX_UPSAMPLE_ELEMENTS = 2**27
-# Elements (bool) of full-size masks materialized at once while run-length encoding.
-_MAX_RLE_ELEMENTS = 2**28
-
-
-# ---------------------------------------------------------------------------------------------
-# Building SAM
-
-
-def _build_tiny_sam(checkpoint: str | None = None) -> Sam:
-    """A small SAM for tests and benchmarks: the real layout (1024 input, 16 px patches, 64 x 64
-    embeddings, 256 x 256 low-res masks, 3 multimask outputs) with a 2-block, 64-d encoder
-    (windowed attention only) and a 32-d decoder. Random weights are deterministic (seed 0); the hypernetwork output is scaled so
-    that random masks have logits beyond the +-1 stability cut-offs."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        dim = 32
-        sam = Sam(
-            image_encoder=ImageEncoderViT(
-                depth=2,
-                embed_dim=64,
-                img_size=1024,
-                mlp_ratio=4,
-                norm_layer=partial(torch.nn.LayerNorm, eps=1e-6),
-                num_heads=2,
-                patch_size=16,
-                qkv_bias=True,
-                use_rel_pos=True,
-                global_attn_indexes=(),
-                window_size=14,
-                out_chans=dim,
-            ),
-            prompt_encoder=PromptEncoder(
-                embed_dim=dim,
-                image_embedding_size=(64, 64),
-                input_image_size=(1024, 1024),
-                mask_in_chans=16,
-            ),
-            mask_decoder=MaskDecoder(
-                num_multimask_outputs=3,
-                transformer=TwoWayTransformer(depth=2, embedding_dim=dim, mlp_dim=128, num_heads=2),
-                transformer_dim=dim,
-                iou_head_depth=3,
-                iou_head_hidden_dim=32,
-            ),
-        )
-        with torch.no_grad():
-            for mlp in sam.mask_decoder.output_hypernetworks_mlps:
-                mlp.layers[-1].weight.mul_(200.0)
-    if checkpoint is not None:
-        sam.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
-    return sam.eval()
-
-
-# Model types: segment-anything's registry ("default", "vit_h", "vit_l", "vit_b") plus "tiny".
-SAM_BUILDERS = {**sam_model_registry, "tiny": _build_tiny_sam}
-
-
-def build_sam(model_type: str, checkpoint: str | None, device: str | torch.device = "cpu") -> Sam:
-    """Build a SAM model in eval mode on ``device``.
-
-    Args:
-        model_type: "vit_h", "vit_l", "vit_b" (segment-anything's registry) or "tiny" (a small
-            random SAM for tests and benchmarks).
-        checkpoint: path of a segment-anything state dict (``sam_vit_h_4b8939.pth``...), or None
-            for random weights.
-        device: where the model lives.
-    """
-    if model_type not in SAM_BUILDERS:
-        raise ValueError(
-            f"unknown SAM model type {model_type!r}; choose from {sorted(SAM_BUILDERS)}"
-        )
-    sam = SAM_BUILDERS[model_type](checkpoint=checkpoint)
-    return sam.to(device).eval()
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration and per-crop candidates
-
-
-@dataclass(frozen=True, kw_only=True)
-class AmgConfig:
-    """Parameters of the automatic mask generator (as in ``SamAutomaticMaskGenerator``)."""
-
-    points_per_side: int = 32  # grid points along each side of the image (crop layer 0)
-    points_per_batch: int = 256  # point prompts decoded at once (stock: 64)
-    pred_iou_thresh: float = 0.88  # keep masks with predicted IoU > this (0 disables)
-    stability_score_thresh: float = 0.95  # keep masks with stability >= this (0 disables)
-    stability_score_offset: float = 1.0  # logit offset of the stability score's two cut-offs
-    box_nms_thresh: float = 0.7  # box IoU above which NMS drops duplicates within a crop
-    crop_n_layers: int = 0  # extra crop layers; layer i has (2**i)**2 crops
-    crop_nms_thresh: float = 0.7  # box IoU for NMS between crops (smaller crops preferred)
-    crop_overlap_ratio: float = 512 / 1500  # overlap of layer-1 crops, fraction of short side
-    crop_n_points_downscale_factor: int = 1  # points per side in layer i: n / factor**i
-    min_mask_region_area: int = 0  # remove holes/islands below this area (pixels); 0 disables
-    image_batch_size: int = 8  # images (or crops) per image-encoder forward
-    autocast_dtype: str | None = None  # "bfloat16": encoder/decoder autocast (not stock-exact)
-
-
-@dataclass
-class _Candidates:
-    """Masks of one crop that passed the score filters, as low-res logits (M masks)."""
-
-    logits: torch.Tensor  # (M, 256, 256) float32 low-res mask logits
-    iou_preds: torch.Tensor  # (M,) float32 predicted IoU
-    stability: torch.Tensor  # (M,) float32 stability score
-    boxes: torch.Tensor  # (M, 4) long XYXY (inclusive) in crop coordinates
-
-    @staticmethod
-    def cat(parts: list[_Candidates], device: torch.device) -> _Candidates:
-        if not parts:
-            return _Candidates(
-                logits=torch.zeros(0, 256, 256, device=device),
-                iou_preds=torch.zeros(0, device=device),
-                stability=torch.zeros(0, device=device),
-                boxes=torch.zeros(0, 4, dtype=torch.long, device=device),
-            )
-        return _Candidates(
-            logits=torch.cat([p.logits for p in parts]),
-            iou_preds=torch.cat([p.iou_preds for p in parts]),
-            stability=torch.cat([p.stability for p in parts]),
-            boxes=torch.cat([p.boxes for p in parts]),
-        )
-
-    def filter(self, keep: torch.Tensor) -> _Candidates:
-        """Rows selected by ``keep`` ((M,) bool or (K,) long indices)."""
-        return _Candidates(
-            logits=self.logits[keep],
-            iou_preds=self.iou_preds[keep],
-            stability=self.stability[keep],
-            boxes=self.boxes[keep],
-        )
-
-
-@dataclass(frozen=True)
-class _Crop:
-    """One image-encoder input: a crop of one image (the whole image is crop 0)."""
-
-    image_index: int  # index of the image in the batch
-    box: tuple[int, int, int, int]  # XYXY in image pixels
-    layer: int  # crop layer (0 = whole image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,14 +160,14 @@ class BatchedMaskGenerator:
                 raise ValueError(f"image {i}: expected uint8 pixels, got {image.dtype}")
             if image.shape[0] == 0 or image.shape[1] == 0:
                 raise ValueError(f"image {i}: empty image of shape {image.shape}")
-        crops: list[_Crop] = []
+        crops: list[Crop] = []
         for i, image in enumerate(images):
             boxes, layers = generate_crop_boxes(
                 image.shape[:2], self.config.crop_n_layers, self.config.crop_overlap_ratio
             )
-            crops += [_Crop(i, tuple(b), layer) for b, layer in zip(boxes, layers)]
+            crops += [Crop(i, tuple(b), layer) for b, layer in zip(boxes, layers)]
 
-        per_crop: list[_Candidates] = []
+        per_crop: list[Candidates] = []
         bs = self.config.image_batch_size
         for start in range(0, len(crops), bs):
             chunk = crops[start : start + bs]
@@ -354,8 +213,8 @@ class BatchedMaskGenerator:
         return features.float()
 
     def _process_crop(
-        self, embedding: torch.Tensor, crop: _Crop, orig_size: tuple[int, int]
-    ) -> _Candidates:
+        self, embedding: torch.Tensor, crop: Crop, orig_size: tuple[int, int]
+    ) -> Candidates:
         """Prompt the crop's point grid, filter by scores and edges, NMS within the crop.
 
         Args:
@@ -395,13 +254,13 @@ class BatchedMaskGenerator:
                 keep = iou_preds > cfg.pred_iou_thresh
                 logits, iou_preds = logits[keep], iou_preds[keep]
             stability, boxes = self._stability_and_boxes(logits, input_size, crop_size)
-            cand = _Candidates(logits=logits, iou_preds=iou_preds, stability=stability, boxes=boxes)
+            cand = Candidates(logits=logits, iou_preds=iou_preds, stability=stability, boxes=boxes)
             if cfg.stability_score_thresh > 0.0:
                 cand = cand.filter(cand.stability >= cfg.stability_score_thresh)
-            near = _near_crop_edge(cand.boxes, crop.box, (0, 0, orig_size[1], orig_size[0]))
+            near = near_crop_edge(cand.boxes, crop.box, (0, 0, orig_size[1], orig_size[0]))
             parts.append(cand.filter(~near))
 
-        cand = _Candidates.cat(parts, self.device)
+        cand = Candidates.cat(parts, self.device)
         keep = batched_nms(
             cand.boxes.float(),
             cand.iou_preds,
@@ -449,13 +308,13 @@ class BatchedMaskGenerator:
         cols_idx = torch.arange(w, device=logits.device)
         for start in range(0, len(logits), chunk):
             full = self._full_logits(logits[start : start + chunk], input_size, crop_size)
-            inter = _count_above(full, threshold + offset)
-            union = _count_above(full, threshold - offset)
+            inter = count_above(full, threshold + offset)
+            union = count_above(full, threshold - offset)
             stability.append(inter / union)
             # A row (column) holds a mask pixel iff its maximum logit exceeds the threshold.
             in_rows = full.amax(dim=-1) > threshold  # (m, H)
             in_cols = full.amax(dim=-2) > threshold  # (m, W)
-            boxes.append(_box_from_profiles(in_rows, in_cols, rows_idx, cols_idx))
+            boxes.append(box_from_profiles(in_rows, in_cols, rows_idx, cols_idx))
         if not stability:
             return torch.zeros(0, device=logits.device), torch.zeros(
                 0, 4, dtype=torch.long, device=logits.device
@@ -463,7 +322,7 @@ class BatchedMaskGenerator:
         return torch.cat(stability), torch.cat(boxes)
 
     def _finish_image(
-        self, orig_size: tuple[int, int], crops: list[_Crop], per_crop: list[_Candidates]
+        self, orig_size: tuple[int, int], crops: list[Crop], per_crop: list[Candidates]
     ) -> list[SamMask]:
         """NMS between crops, masks of the survivors at full size, small-region cleanup, RLE."""
         cfg = self.config
@@ -471,7 +330,7 @@ class BatchedMaskGenerator:
             [torch.full((len(c.iou_preds),), k, device=self.device) for k, c in enumerate(per_crop)]
         )
         offsets = torch.tensor([[c.box[0], c.box[1]] * 2 for c in crops], device=self.device)
-        cand = _Candidates.cat(per_crop, self.device)
+        cand = Candidates.cat(per_crop, self.device)
         cand.boxes = cand.boxes + offsets[crop_ids]  # image coordinates
         if len(crops) > 1:
             # Prefer masks from smaller crops, as the stock does.
@@ -511,9 +370,9 @@ class BatchedMaskGenerator:
 
     def _image_masks(
         self,
-        cand: _Candidates,
+        cand: Candidates,
         crop_ids: torch.Tensor,
-        crops: list[_Crop],
+        crops: list[Crop],
         orig_size: tuple[int, int],
     ) -> torch.Tensor:
         """Binary masks (K, H, W) bool at image size, each placed in its crop."""
@@ -556,7 +415,7 @@ class BatchedMaskGenerator:
         new = torch.as_tensor(np.stack(new_masks), device=self.device)
         h_idx = torch.arange(new.shape[1], device=self.device)
         w_idx = torch.arange(new.shape[2], device=self.device)
-        new_boxes = _box_from_profiles(new.any(dim=-1), new.any(dim=-2), h_idx, w_idx)
+        new_boxes = box_from_profiles(new.any(dim=-1), new.any(dim=-2), h_idx, w_idx)
         score_t = torch.tensor(scores, device=self.device)
         keep = batched_nms(
             new_boxes.float(),
@@ -572,77 +431,6 @@ class BatchedMaskGenerator:
 
 # ---------------------------------------------------------------------------------------------
 # Helpers
-
-
-def encode_rles(masks: torch.Tensor) -> list[tuple[dict, int]]:
-    """COCO RLEs (str counts) and areas of binary masks, run boundaries found on the device.
-
-    Args:
-        masks: (K, H, W) bool.
-    Returns:
-        K pairs (``{"size": [H, W], "counts": str}``, area), identical to pycocotools' ``encode``.
-    """
-    k_total, h, w = masks.shape
-    n = h * w
-    out: list[tuple[dict, int]] = []
-    chunk = max(1, _MAX_RLE_ELEMENTS // max(1, n))
-    for start in range(0, k_total, chunk):
-        flat = masks[start : start + chunk].transpose(1, 2).reshape(-1, n)  # column-major
-        k = len(flat)
-        mask_idx, pos = torch.nonzero(flat[:, 1:] != flat[:, :-1], as_tuple=True)
-        first = flat[:, 0].cpu().numpy()
-        mask_idx, pos = mask_idx.cpu().numpy(), pos.cpu().numpy() + 1
-        bounds = np.searchsorted(mask_idx, np.arange(k + 1))
-        for j in range(k):
-            edges = np.concatenate(([0], pos[bounds[j] : bounds[j + 1]], [n]))
-            counts = np.diff(edges)
-            if first[j]:
-                counts = np.concatenate(([0], counts))  # RLEs start with a run of zeros
-            rle = mask_utils.frPyObjects({"size": [h, w], "counts": counts.tolist()}, h, w)
-            rle["counts"] = rle["counts"].decode("utf-8")
-            out.append((rle, int(counts[1::2].sum())))
-    return out
-
-
-def _count_above(x: torch.Tensor, value: float) -> torch.Tensor:
-    """(M,) int32 number of elements of x (M, H, W) above value (row sums in int16 first, as the
-    stock does: faster on CPU than one int32 reduction; exact while W < 2**15)."""
-    above = x > value
-    if x.shape[-1] < 2**15:
-        return above.sum(-1, dtype=torch.int16).sum(-1, dtype=torch.int32)
-    return above.sum((-2, -1), dtype=torch.int32)
-
-
-def _box_from_profiles(
-    in_rows: torch.Tensor, in_cols: torch.Tensor, rows_idx: torch.Tensor, cols_idx: torch.Tensor
-) -> torch.Tensor:
-    """XYXY boxes (M, 4) long, inclusive, from which rows (M, H) and columns (M, W) hold mask
-    pixels; [0, 0, 0, 0] for empty masks."""
-    h, w = in_rows.shape[-1], in_cols.shape[-1]
-    bottom = torch.where(in_rows, rows_idx, -1).amax(dim=-1)
-    top = torch.where(in_rows, rows_idx, h).amin(dim=-1)
-    right = torch.where(in_cols, cols_idx, -1).amax(dim=-1)
-    left = torch.where(in_cols, cols_idx, w).amin(dim=-1)
-    boxes = torch.stack([left, top, right, bottom], dim=-1)
-    empty = ~in_rows.any(dim=-1)
-    return boxes.masked_fill(empty[:, None], 0)
-
-
-def _near_crop_edge(
-    boxes: torch.Tensor,
-    crop_box: tuple[int, int, int, int],
-    orig_box: tuple[int, int, int, int],
-    atol: float = 20.0,
-) -> torch.Tensor:
-    """(M,) bool: the box (crop coordinates) lies within ``atol`` of a crop edge that is not an
-    image edge (such masks are likely cut by the crop)."""
-    crop_t = torch.tensor(crop_box, dtype=torch.float, device=boxes.device)
-    orig_t = torch.tensor(orig_box, dtype=torch.float, device=boxes.device)
-    offset = torch.tensor([crop_box[0], crop_box[1]] * 2, device=boxes.device)
-    b = (boxes + offset).float()
-    near_crop = torch.isclose(b, crop_t[None], atol=atol, rtol=0)
-    near_image = torch.isclose(b, orig_t[None], atol=atol, rtol=0)
-    return (near_crop & ~near_image).any(dim=1)
 
 
 def _crop_pixels(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:

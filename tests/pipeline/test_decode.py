@@ -10,17 +10,19 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline.sources.decode import (
-    ImageDecodeError,
+from pipeline.masks.sam_json import (
     MaskDecodeError,
     SamMask,
     _validate_counts,
-    decode_image,
-    decode_image_for_model,
     decode_sam_json,
-    model_input_size,
     pack_sam_masks,
     unpack_sam_masks,
+)
+from pipeline.sources.decode import (
+    ImageDecodeError,
+    decode_image,
+    decode_image_for_model,
+    model_input_size,
 )
 from tests.pipeline.badinputs import (
     encode,

@@ -15,7 +15,7 @@ from pipeline.labeling.config import COUNT, END, LabelJobConfig
 from pipeline.labeling.job import read_shard
 from pipeline.labeling.labeler import Labeler, replace_classes
 from pipeline.labeling.transform import decode_record
-from pipeline.sources.decode import unpack_sam_masks
+from pipeline.masks.sam_json import unpack_sam_masks
 from pipeline.sources.listing import list_shards
 from pipeline.vocabulary import Vocabulary
 from schemas import rle

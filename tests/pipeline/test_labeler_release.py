@@ -21,7 +21,7 @@ from hipie.modeling.hipie_release import HipieRelease
 from hipie.release_hierarchy import ReleaseHierarchyPredictor
 from pipeline.labeling.config import COUNT, END, LabelJobConfig
 from pipeline.labeling.labeler import Labeler
-from pipeline.sources import decode
+from pipeline.masks.sam_json import decode_sam_json
 from pipeline.vocabulary import Vocabulary
 from schemas import rle
 from tests.hipie.release.reference import write_release_checkpoint
@@ -58,7 +58,7 @@ def _sa1b_masks(height: int, width: int) -> str:
         annotations.append(
             {"segmentation": rle.encode(m), "predicted_iou": 0.9, "stability_score": 0.95}
         )
-    masks = decode.decode_sam_json({"annotations": annotations}, width, height)
+    masks = decode_sam_json({"annotations": annotations}, width, height)
     return json.dumps([asdict(m) for m in masks])
 
 

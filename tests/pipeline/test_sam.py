@@ -13,8 +13,10 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from pipeline.masks.sam import BatchedMaskGenerator, build_sam, encode_rles
-from pipeline.sources.decode import SamMask
+from pipeline.masks.amg import encode_rles
+from pipeline.masks.build import build_sam
+from pipeline.masks.sam import BatchedMaskGenerator
+from pipeline.masks.sam_json import SamMask
 
 
 def textured_patches(h: int, w: int, seed: int, n: int = 4) -> np.ndarray:

@@ -14,16 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.sources.decode import ImageDecodeError, MaskDecodeError, decode_image, decode_sam_json
-from pipeline.sources.listing import (
-    ImageRecord,
-    Shard,
-    iter_shard,
-    iter_source,
-    list_inputs,
-    list_shards,
-    read_uri,
-)
+from pipeline.masks.sam_json import MaskDecodeError, decode_sam_json
+from pipeline.sources.decode import ImageDecodeError, decode_image
+from pipeline.sources.listing import Shard, list_inputs, list_shards
+from pipeline.sources.reading import ImageRecord, iter_shard, iter_source, read_uri
 from tests.pipeline.badinputs import (
     add_member,
     add_symlink,
