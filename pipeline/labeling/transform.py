@@ -206,7 +206,7 @@ def label_dataset(
         num_gpus=config.gpus_per_actor,
         batch_format="numpy",
         # Ray Data restarts a dead labeler actor and retries its batches by default
-        # (max_restarts=-1, max_task_retries=-1): tests/pipeline/test_job.py kills one.
+        # (max_restarts=-1, max_task_retries=-1): tests/pipeline/labeling/test_job.py kills one.
     )
     if keep_markers:
         return ds

@@ -36,7 +36,7 @@ from tests.pipeline.conftest import LABELED_AT, write_labels
 
 CHROMIUM = "/usr/bin/chromium"
 FLAT_CLASSES = ("horse", "car", "tree")  # the generated scenes' classes
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM),
     reason="headless browser test needs Debian's chromium: apt-get install -y chromium",

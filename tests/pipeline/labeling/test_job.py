@@ -22,7 +22,7 @@ from pipeline.labeling.job import run_label_job
 from pipeline.vocabulary import Vocabulary
 from tests.pipeline.badinputs import build_bad_corpus
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 # No "person"/"bird": nothing is replaced, so every SAM mask comes back as exactly one label.
 VOCABULARY = Vocabulary.from_lists(
     things=["robot", "car"], stuff=["sky", "grass"], parts=["head", "wheel"]

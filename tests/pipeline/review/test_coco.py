@@ -20,7 +20,7 @@ from pipeline.review import ingest, read
 from schemas import rle
 from tests.pipeline.conftest import add_parts, write_labels
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def _iou(a: np.ndarray, b: np.ndarray) -> float:

@@ -55,7 +55,7 @@ from pipeline.labeling.job import run_label_job
 from pipeline.vocabulary import Vocabulary
 from schemas import rle
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCENES = SceneConfig(width=128, height=128, min_things=1, max_things=3)
 RENAME = {"robot": "android"}  # the reviewers' new class name
 PART_NAMES = ["leg", "arm", "torso", "head", "eye", "body", "window", "wheel", "hubcap",

@@ -20,7 +20,7 @@ import pytest
 import schemas
 from schemas import rle
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 LEVELS = ("instances", "stuff", "parts", "subparts")
 LEVEL_OF = {"instances": "instance", "stuff": "stuff", "parts": "part", "subparts": "subpart"}
 
