@@ -6,8 +6,8 @@ marker columns ``END`` (True on that row) and ``COUNT`` (the shard's number of i
 row) travel through decoding and labeling untouched, and the part writer turns them into the
 records that let the driver close the shard.
 
-This module imports nothing from the rest of the labeling stage (job, transform, labeler, parts),
-so each of them can import it.
+This module imports nothing from the rest of the labeling stage (job, transform, labeler, parts,
+sinks), so each of them can import it.
 """
 
 from __future__ import annotations
