@@ -28,7 +28,8 @@ import torch
 from pycocotools import mask as mask_utils
 from segment_anything import SamAutomaticMaskGenerator
 
-from pipeline.sam import SAM_BUILDERS, BatchedMaskGenerator, build_sam
+from pipeline.masks.build import SAM_BUILDERS, build_sam
+from pipeline.masks.sam import BatchedMaskGenerator
 
 
 def synthetic_photo(height: int, width: int, seed: int = 0) -> np.ndarray:

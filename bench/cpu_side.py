@@ -169,9 +169,9 @@ def main() -> None:
     device = torch.device(args.device)
 
     from hipie import HipiePredictor, build_hipie, rle_torch
-    from pipeline.decode import unpack_sam_masks
-    from pipeline.job import decode_record
-    from pipeline.labeler import replace_classes, segments_to_masks
+    from pipeline.labeling.labeler import replace_classes, segments_to_masks
+    from pipeline.labeling.transform import decode_record
+    from pipeline.masks.sam_json import unpack_sam_masks
 
     scale = args.model_side / max(args.height, args.width)
     model_h, model_w = round(args.height * scale), round(args.width * scale)

@@ -5,8 +5,8 @@
     python bench/driver_memory.py --case one-shard --images 5000 --out BENCH.jsonl  # append a line
 
 Writes a folder of tiny PNG images (``--size`` pixels square, seeded noise with a few flat
-rectangles) and labels it with ``pipeline.job.run_label_job`` on a local Ray cluster started in
-this process (the driver), with the shipped tiny model and a small vocabulary, as
+rectangles) and labels it with ``pipeline.labeling.job.run_label_job`` on a local Ray cluster
+started in this process (the driver), with the shipped tiny model and a small vocabulary, as
 ``python -m jobs.label`` does. ``many-shards`` groups the images into ``--shards`` output shards;
 ``one-shard`` puts them all into one shard (``--shard-size`` = the number of images).
 
@@ -91,7 +91,8 @@ def main() -> None:
     before_imports = psutil.Process().memory_info().rss
     import ray
 
-    from pipeline.job import LabelJobConfig, run_label_job
+    from pipeline.labeling.config import LabelJobConfig
+    from pipeline.labeling.job import run_label_job
     from pipeline.vocabulary import Vocabulary
 
     if args.case == "many-shards":

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from pipeline.labeler import load_model, make_predictor
+from pipeline.labeling.labeler import load_model, make_predictor
 from pipeline.vocabulary import load_vocabulary
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_panoptic_sample"

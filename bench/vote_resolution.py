@@ -24,7 +24,7 @@ from pycocotools import mask as mask_utils
 
 from hipie import HipiePredictor, build_hipie, rle_torch
 from hipie.synthetic.generator import SceneGenerator
-from pipeline.decode import decode_image_for_model
+from pipeline.sources.decode import decode_image_for_model
 from pipeline.vocabulary import load_vocabulary
 
 

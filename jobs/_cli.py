@@ -57,7 +57,7 @@ def existing_folder(path: str, option: str) -> Path:
 def label_files(path: str, option: str = "--labels") -> list[Path] | list[str]:
     """The label Parquet files under ``path`` (a file or a folder); a UsageError when there are
     none."""
-    from pipeline.export import label_files as find
+    from pipeline.export.formats import label_files as find
     from pipeline.storage import is_uri
 
     if not is_uri(path) and not Path(path).exists():

@@ -7,8 +7,9 @@
 From ``--dataset`` the export takes the fields' current values, i.e. the reviewers' corrections;
 ``--tag`` keeps only samples with that tag. ``--label-field`` picks the labels of
 ``dataset.apply_model(..., label_field=PREFIX)`` (default: the ingest's fields when the dataset
-has them, else its one ``apply_model`` run; ``pipeline.fiftyone_read``). ``--categories`` is a COCO category list (JSON, a list
-or a dict with "categories") whose ids the export keeps. The logic lives in ``pipeline.export``.
+has them, else its one ``apply_model`` run; ``pipeline.review.read``). ``--categories`` is a
+COCO category list (JSON, a list or a dict with "categories") whose ids the export keeps. The
+logic lives in ``pipeline.export.formats``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import sys
 
 from jobs import _cli
 from jobs._cli import UsageError
-from pipeline import export
+from pipeline.export import formats
 
 PROG = "python -m jobs.export"
 
@@ -36,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="with --dataset: the label_field given to apply_model (default: detected)",
     )
-    parser.add_argument("--format", required=True, choices=export.FORMATS)
+    parser.add_argument("--format", required=True, choices=formats.FORMATS)
     parser.add_argument("--output", required=True, help="output folder")
     parser.add_argument("--categories", help="COCO categories JSON whose ids to keep")
     parser.add_argument("--database-uri", help="MongoDB URI (default: FiftyOne's bundled MongoDB)")
@@ -61,7 +62,7 @@ def _main(argv: list[str] | None) -> int:
             )
     if args.labels:
         _cli.label_files(args.labels)
-        rows, vocabulary = export.rows_from_labels(args.labels)
+        rows, vocabulary = formats.rows_from_labels(args.labels)
         reviewed: set[str] = set()
     else:
         if args.database_uri:
@@ -70,20 +71,20 @@ def _main(argv: list[str] | None) -> int:
             os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
         import fiftyone as fo
 
-        from pipeline import fiftyone_read
+        from pipeline.review import read
 
         if not fo.dataset_exists(args.dataset):
             raise UsageError(f"dataset {args.dataset!r} does not exist")
         dataset = fo.load_dataset(args.dataset)
         view = dataset.match_tags(args.tag) if args.tag else dataset
         try:
-            rows, reviewed = fiftyone_read.read_rows(
+            rows, reviewed = read.read_rows(
                 view, version=args.version, label_field=args.label_field
             )
         except ValueError as exc:
             raise UsageError(f"--dataset {args.dataset}: {exc}") from None
         vocabulary = {"vocabularies": dataset.info.get("vocabularies", {})}
-    result = export.export_rows(
+    result = formats.export_rows(
         rows,
         args.output,
         format=args.format,

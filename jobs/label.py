@@ -24,8 +24,9 @@ import sys
 
 from jobs import _cli
 from jobs._cli import UsageError
-from pipeline import sources
-from pipeline.job import LabelJobConfig, run_label_job
+from pipeline.labeling.config import LabelJobConfig
+from pipeline.labeling.job import run_label_job
+from pipeline.sources.listing import check_input
 from pipeline.vocabulary import Vocabulary, VocabularyError, load_vocabulary
 
 PROG = "python -m jobs.label"
@@ -166,7 +167,7 @@ def check_args(args: argparse.Namespace) -> Vocabulary:
     """
     for uri in args.input:
         try:
-            sources.check_input(uri)
+            check_input(uri)
         except (OSError, ValueError, ImportError) as e:  # ImportError: no fsspec driver (s3fs)
             raise UsageError(f"--input {uri}: {_cli.one_line(e)}") from None
     vocabulary = vocabulary_from_args(args)

@@ -7,9 +7,9 @@ The dataset is persistent, on FiftyOne's bundled MongoDB unless ``--database-uri
 (FiftyOne's ``database_uri``). ``--launch`` serves the App on ``address:port`` (localhost by
 default: reach it from a laptop with ``ssh -N -L PORT:localhost:PORT user@host``) and blocks until
 interrupted. Without ``--labels``, the command refreshes an existing dataset after review edits
-(``pipeline.fiftyone_app.refresh_review``): parts' ``instance_label`` follows their instance's
+(``pipeline.review.app.refresh_review``): parts' ``instance_label`` follows their instance's
 current label, margins, colours for renamed classes, saved views; for the ingest's fields and each
-``apply_model`` run's. The logic lives in ``pipeline.fiftyone_io`` and ``pipeline.fiftyone_app``.
+``apply_model`` run's. The logic lives in ``pipeline.review.ingest`` and ``pipeline.review.app``.
 """
 
 from __future__ import annotations
@@ -57,10 +57,10 @@ def _main(argv: list[str] | None) -> int:
         os.environ["FIFTYONE_DATABASE_URI"] = args.database_uri
     import fiftyone as fo
 
-    from pipeline import fiftyone_io
+    from pipeline.review import fields, ingest
 
     if args.labels:
-        dataset, result = fiftyone_io.ingest_labels(
+        dataset, result = ingest.ingest_labels(
             args.labels,
             args.dataset,
             media_dir=args.media_dir,
@@ -70,11 +70,11 @@ def _main(argv: list[str] | None) -> int:
             f"dataset {dataset.name!r}: {len(dataset)} samples; this ingest added {result.added}, "
             f"unchanged {result.unchanged}, replaced {result.replaced}, "
             f"new versions {result.versioned}, error rows {result.errors}, "
-            f"unreadable images {result.media_errors} (tag {fiftyone_io.MEDIA_ERROR_TAG!r})",
+            f"unreadable images {result.media_errors} (tag {fields.MEDIA_ERROR_TAG!r})",
             flush=True,
         )
     elif fo.dataset_exists(args.dataset):
-        from pipeline.fiftyone_app import refresh_review
+        from pipeline.review.app import refresh_review
 
         dataset = fo.load_dataset(args.dataset)
         views = refresh_review(dataset)  # after edits: instance_label, margins, colours, views

@@ -30,13 +30,13 @@ import sys
 
 from jobs import _cli
 from jobs._cli import UsageError
-from pipeline.finetune import FinetuneConfig, run_finetune
-from pipeline.finetune_data import (
+from pipeline.finetune.data import (
     TrainingSet,
     training_set_from_coco,
     training_set_from_dataset,
     training_set_from_labels,
 )
+from pipeline.finetune.train import FinetuneConfig, run_finetune
 
 PROG = "python -m jobs.train"
 

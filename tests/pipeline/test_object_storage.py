@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 import schemas
-from pipeline import parts, sinks
+from pipeline.labeling import parts, sinks
 
 REPO = Path(__file__).resolve().parents[2]
 S3RVER = Path(os.environ.get("S3RVER_BIN", REPO / ".s3rver" / "node_modules" / ".bin" / "s3rver"))

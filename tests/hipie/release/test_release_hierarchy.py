@@ -23,7 +23,7 @@ from hipie.modeling.vl_align import token_to_class_logits
 from hipie.postprocess_release import class_logit_modes, keep_above, postprocess_release
 from hipie.release_hierarchy import ReleaseHierarchyPredictor, ReleaseThresholds, object_segments
 from hipie.vote_policy import fine_parts
-from pipeline.labeler import segments_to_masks
+from pipeline.labeling.labeler import segments_to_masks
 from schemas import rle
 from schemas.part_names import split_part_label
 from tests.hipie.release.reference import SHARED, fixture, require, write_release_checkpoint
