@@ -1,8 +1,8 @@
 """The released HIPIE behind the predictor API the labeler uses (`hierarchy_batch`, the SAM vote).
 
 `ReleaseHierarchyPredictor(model)` wraps a `HipieRelease` in a `ReleasePredictor` and returns the
-`hipie.predictor.Segments` the rest of the product consumes (`pipeline.labeler.segments_to_masks`,
-`vote_from_hierarchy`). Per image, one encoding serves both passes, as in the release's demo:
+`hipie.segments.Segments` the rest of the product consumes
+(`pipeline.labeling.labeler.segments_to_masks`, `vote_from_hierarchy`). Per image, one encoding serves both passes, as in the release's demo:
 
 1. the things + stuff pass: the release's top-k instances with a score above the display
    threshold (`ReleaseThresholds.score_threshold`, 0.5 as the demo), level "instance", and the
@@ -83,7 +83,7 @@ class ReleaseThresholds:
 
 @dataclass(frozen=True)
 class ReleaseHierarchyConfig:
-    """What `pipeline.fiftyone_model` reads and replaces (`config.postprocess`)."""
+    """What `pipeline.review.model` reads and replaces (`config.postprocess`)."""
 
     postprocess: ReleaseThresholds = field(default_factory=ReleaseThresholds)
     min_size: int = 1024  # shortest edge at inference (the release's INPUT.MIN_SIZE_TEST)

@@ -86,7 +86,7 @@ def parse_counts(rles: Sequence[dict], device: torch.device | str = "cpu") -> Ru
     The compressed format writes each value in 5-bit groups, least significant first, as
     characters ``48 + group``; 0x20 marks "more groups follow", 0x10 of the last group is the sign;
     from the fourth value on, a value is stored as the difference to the value two before it.
-    The RLEs are expected valid (`pipeline.decode` checks untrusted ones).
+    The RLEs are expected valid (`pipeline.masks.sam_json` checks untrusted ones).
     """
     if not rles:
         raise ValueError("no RLEs given")

@@ -70,9 +70,7 @@ def make_predictor(
 ):
     """The predictor of the model's family: ``ReleaseHierarchyPredictor`` for a ``HipieRelease``
     (``test_size`` = its shortest edge), else ``HipiePredictor`` (``test_size`` = longer side)."""
-    from hipie.modeling.hipie_release import HipieRelease
-
-    if isinstance(model, HipieRelease):
+    if is_release(model):
         from hipie.release_hierarchy import ReleaseHierarchyPredictor
 
         return ReleaseHierarchyPredictor(
@@ -86,13 +84,31 @@ def make_predictor(
     return predictor
 
 
-def load_clip(spec: str | None, device: str):
-    """``MODEL:PRETRAINED`` (an open_clip name and a tag or local file) or None."""
+def is_release(model) -> bool:
+    """Whether ``model`` is the released architecture (``hipie.modeling.hipie_release``)."""
+    from hipie.modeling.hipie_release import HipieRelease
+
+    return isinstance(model, HipieRelease)
+
+
+def load_clip(spec: str | None, device: str, *, release: bool = False):
+    """``MODEL:PRETRAINED`` (an open_clip name and a tag or local file) or None.
+
+    For the released architecture: the release's mask-token CLIP (``hipie.clip_release.MaskClip``;
+    ``vit_h_cloud`` uses ``ViT-L-14-336:openai``); else our family's ``ClipMaskClassifier``.
+    """
     if not spec:
         return None
+    name, _, pretrained = spec.partition(":")
+    if release:
+        import open_clip
+
+        from hipie.clip_release import MaskClip
+
+        model = open_clip.create_model(name, pretrained=pretrained or None, device=device)
+        return MaskClip(model)
     from hipie.clip_ensemble import ClipMaskClassifier
 
-    name, _, pretrained = spec.partition(":")
     return ClipMaskClassifier(model_name=name, pretrained=pretrained or None, device=device)
 
 
@@ -216,10 +232,11 @@ class Labeler:
         self.vocabulary_hash = vocabulary.hash
         self.model = model_name(config.checkpoint)
         self.replace = set(config.replace_classes)
+        model = load_model(config.checkpoint)
         self.predictor = make_predictor(
-            load_model(config.checkpoint),
+            model,
             device=self.device,
-            clip=load_clip(config.clip, self.device),
+            clip=load_clip(config.clip, self.device, release=is_release(model)),
             precision="bf16" if use_gpu else "fp32",  # bf16 pays on GPUs, not on CPUs
             test_size=config.test_size,
         )

@@ -138,3 +138,42 @@ def test_test_size_option_reaches_the_job_config():
         ]
     )
     assert (args.checkpoint, args.test_size) == ("r50_parts.pth", 512)
+
+
+def test_tiny_release_folder_with_the_clip_ensemble(tmp_path, coco_sample):
+    """`--checkpoint <release folder> --clip MODEL`: the release's mask-token CLIP runs in the
+    detection passes (a random open_clip ViT registered under a test name)."""
+    import torch
+
+    open_clip = pytest.importorskip("open_clip")
+    from hipie.clip_release import MaskClip
+    from hipie.release_build import release_model, save_release_folder
+    from tests.hipie.release.test_clip_release import TINY, TINY_CFG
+
+    (tmp_path / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(tmp_path)
+    torch.manual_seed(0)
+    folder = save_release_folder(release_model("tiny"), tmp_path / "tiny_release")
+    vocab = Vocabulary.from_lists(things=("person", "horse"), stuff=("grass", "sky"))
+    config = LabelJobConfig(
+        inputs=(), output="unused", vocabulary_json=vocab.to_json(), checkpoint=str(folder),
+        clip=TINY,
+    )  # fmt: skip
+    labeler = Labeler(config)
+    clip = labeler.predictor.release.clip
+    assert isinstance(clip, MaskClip) and clip._text_cache == {}
+    photo = np.asarray(Image.open(sorted((coco_sample / "input_images").glob("*.jpg"))[0]))
+    batch = {
+        "shard": np.array(["photos"], dtype=object),
+        "image_id": np.array(["p"], dtype=object),
+        "uri": np.array(["p.jpg"], dtype=object),
+        "error": np.array([""], dtype=object),
+        "image": np.array([photo[::2, ::2].copy(), None], dtype=object)[:1],
+        "sam_masks": np.array([""], dtype=object),
+        END: np.array([False]),
+        COUNT: np.array([0]),
+    }
+    rows = labeler(batch).to_pylist()
+    assert rows[0]["status"] == "ok", rows[0]["error"]
+    # CLIP scored the things + stuff pass's classes (its text features are cached per prompt)
+    assert (("person", "horse", "grass", "sky"),) == tuple(clip._text_cache)
