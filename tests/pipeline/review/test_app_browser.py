@@ -209,8 +209,14 @@ def test_app_shows_the_sample_grid_in_headless_chromium(
             dom = _chromium(url, tmp_path, "--dump-dom", budget=15000 * (attempt + 1)).stdout
             if dataset_name in dom:
                 break
-        done = _chromium(view_url, tmp_path, f"--screenshot={view_shot}")
-        assert view_shot.is_file(), done.stderr[-2000:]
+        for attempt in range(3):  # the saved view's grid, shot again while not yet drawn
+            budget = 15000 * (attempt + 1)
+            done = _chromium(view_url, tmp_path, f"--screenshot={view_shot}", budget=budget)
+            assert view_shot.is_file(), done.stderr[-2000:]
+            view_picture = np.asarray(Image.open(view_shot).convert("RGB"))
+            if len(np.unique(view_picture.reshape(-1, 3), axis=0)) > 2000:
+                break
+            time.sleep(5)
         for attempt in range(3):
             view_dom = _chromium(view_url, tmp_path, "--dump-dom", budget=15000 * (attempt + 1))
             view_dom = view_dom.stdout
