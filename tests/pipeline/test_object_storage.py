@@ -115,7 +115,9 @@ def _objects(output: str) -> dict[str, float]:
     return {i.path[len(base) + 1 :]: i.mtime for i in infos if i.type == pafs.FileType.File}
 
 
-def test_label_kill_resume_review_and_export_on_s3(s3_server, tmp_path, fiftyone_db, dataset_name):
+def test_label_kill_resume_review_and_export_on_s3(
+    s3_server, tmp_path, fiftyone_db, dataset_name, monkeypatch
+):
     from jobs import export as export_job
     from jobs import review as review_job
 
@@ -167,8 +169,11 @@ def test_label_kill_resume_review_and_export_on_s3(s3_server, tmp_path, fiftyone
     assert summary.shards == n // 2 and summary.images_ok == n and len(summary.runs) == 1
 
     # 3. review and export read the committed shards from the bucket
-    argv = ["--labels", output, "--dataset", dataset_name, "--media-dir", str(tmp_path / "m")]
-    assert review_job.main(argv) == 0
+    # (no --media-dir: labels in a bucket get a local media cache, never an "s3:" folder here)
+    monkeypatch.setenv("HIPIE_MEDIA_CACHE", str(tmp_path / "media_cache"))
+    monkeypatch.chdir(tmp_path)
+    assert review_job.main(["--labels", output, "--dataset", dataset_name]) == 0
+    assert not (tmp_path / "s3:").exists()
     dataset = fiftyone_db.load_dataset(dataset_name)
     assert sorted(dataset.values("image_id")) == sorted(r["image_id"] for r in rows)
     target = tmp_path / "export"
