@@ -181,3 +181,49 @@ def test_label_kill_resume_review_and_export_on_s3(
     assert export_job.main(argv) == 0
     coco = json.loads((target / "instances.json").read_text())
     assert len(coco["images"]) == n
+
+
+def test_killed_labeler_actor_on_s3_writes_every_row_once(s3_server, tmp_path):
+    """An actor killed mid-run (after the first committed shard): Ray restarts it, the job ends
+    well, and the bucket holds every image once, in committed shards, with no part left over."""
+    from tests.pipeline.labeling.test_job import _labeler_pids
+
+    n = 12
+    folder = _photos(tmp_path / "photos", n)
+    output = s3_server.format("actor_kill")
+    proc = subprocess.Popen(
+        _label_cmd(folder, output),
+        cwd=REPO,
+        env={**os.environ, **S3_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    killed, deadline = None, time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            committed = [k for k in _objects(output) if k.endswith(".parquet") and "/" not in k]
+            pids = _labeler_pids()
+            if committed and pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+                break
+            time.sleep(0.3)
+        assert killed is not None, "the job finished before an actor could be killed"
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    objects = _objects(output)
+    assert not [k for k in objects if k.startswith(parts.PARTS_DIR)]
+    shard_keys = sorted(k for k in objects if k.endswith(".parquet"))
+    assert len(shard_keys) == n // 2
+    rows = []
+    for key in shard_keys:
+        table, _ = schemas.read_parquet(sinks.output_path(output, key[: -len(".parquet")]))
+        rows.extend(table.to_pylist())
+    assert sorted(r["image_id"] for r in rows) == [f"img_{i:03d}.png" for i in range(n)]
+    assert all(r["status"] == "ok" for r in rows)
+    assert sinks.read_summary(output).images_ok == n
