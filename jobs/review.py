@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     parser.add_argument("--labels", help="label Parquet file or folder to ingest (optional)")
     parser.add_argument("--dataset", required=True, help="FiftyOne dataset name")
-    parser.add_argument("--media-dir", help="where tar/remote images go (default <labels>/media)")
+    parser.add_argument(
+        "--media-dir",
+        help="where tar/remote images go (default <labels>/media; for labels in object storage a "
+        "local cache, ~/.cache/hipie/media/<digest>)",
+    )
     parser.add_argument(
         "--replace-unreviewed",
         action="store_true",

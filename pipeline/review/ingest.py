@@ -326,6 +326,22 @@ def iter_label_rows(
             yield batch.to_pylist(), info
 
 
+def default_media_dir(labels: str | os.PathLike) -> Path:
+    """Where review materializes images when no media folder is given: ``<labels>/media`` for a
+    local folder (beside a local file), and a local cache folder for labels in object storage
+    (``$HIPIE_MEDIA_CACHE`` or ``~/.cache/hipie/media``, one subfolder per labels URI), since
+    FiftyOne needs the images on a local disk."""
+    text = str(labels)
+    if "://" in text and not text.startswith("file://"):
+        cache = Path(
+            os.environ.get("HIPIE_MEDIA_CACHE", Path.home() / ".cache" / "hipie" / "media")
+        )
+        digest = hashlib.sha256(text.split("?", 1)[0].encode()).hexdigest()[:16]
+        return cache / digest
+    root = Path(text.removeprefix("file://"))
+    return (root if root.is_dir() else root.parent) / "media"
+
+
 def ingest_labels(
     labels: str | os.PathLike,
     dataset_name: str,
@@ -336,12 +352,12 @@ def ingest_labels(
 ) -> tuple[fo.Dataset, IngestResult]:
     """Ingest every label file under ``labels`` into the persistent dataset ``dataset_name``.
 
-    ``media_dir`` defaults to ``<labels>/media``. Vocabularies from the files' metadata are kept
-    in ``dataset.info["vocabularies"]`` by vocabulary hash (when the rows name one).
+    ``media_dir`` defaults to `default_media_dir(labels)`. Vocabularies from the files'
+    metadata are kept in ``dataset.info["vocabularies"]`` by vocabulary hash (when the rows name
+    one).
     """
     dataset = open_dataset(dataset_name)
-    root = Path(labels)
-    media = Path(media_dir) if media_dir else (root if root.is_dir() else root.parent) / "media"
+    media = Path(media_dir) if media_dir else default_media_dir(labels)
     totals = dict(added=0, unchanged=0, replaced=0, versioned=0, errors=0, media_errors=0)
     vocabularies = dict(dataset.info.get("vocabularies", {}))
     for rows, info in iter_label_rows(labels, batch_size=batch_size):

@@ -115,7 +115,9 @@ def _objects(output: str) -> dict[str, float]:
     return {i.path[len(base) + 1 :]: i.mtime for i in infos if i.type == pafs.FileType.File}
 
 
-def test_label_kill_resume_review_and_export_on_s3(s3_server, tmp_path, fiftyone_db, dataset_name):
+def test_label_kill_resume_review_and_export_on_s3(
+    s3_server, tmp_path, fiftyone_db, dataset_name, monkeypatch
+):
     from jobs import export as export_job
     from jobs import review as review_job
 
@@ -167,8 +169,11 @@ def test_label_kill_resume_review_and_export_on_s3(s3_server, tmp_path, fiftyone
     assert summary.shards == n // 2 and summary.images_ok == n and len(summary.runs) == 1
 
     # 3. review and export read the committed shards from the bucket
-    argv = ["--labels", output, "--dataset", dataset_name, "--media-dir", str(tmp_path / "m")]
-    assert review_job.main(argv) == 0
+    # (no --media-dir: labels in a bucket get a local media cache, never an "s3:" folder here)
+    monkeypatch.setenv("HIPIE_MEDIA_CACHE", str(tmp_path / "media_cache"))
+    monkeypatch.chdir(tmp_path)
+    assert review_job.main(["--labels", output, "--dataset", dataset_name]) == 0
+    assert not (tmp_path / "s3:").exists()
     dataset = fiftyone_db.load_dataset(dataset_name)
     assert sorted(dataset.values("image_id")) == sorted(r["image_id"] for r in rows)
     target = tmp_path / "export"
@@ -176,3 +181,49 @@ def test_label_kill_resume_review_and_export_on_s3(s3_server, tmp_path, fiftyone
     assert export_job.main(argv) == 0
     coco = json.loads((target / "instances.json").read_text())
     assert len(coco["images"]) == n
+
+
+def test_killed_labeler_actor_on_s3_writes_every_row_once(s3_server, tmp_path):
+    """An actor killed mid-run (after the first committed shard): Ray restarts it, the job ends
+    well, and the bucket holds every image once, in committed shards, with no part left over."""
+    from tests.pipeline.labeling.test_job import _labeler_pids
+
+    n = 12
+    folder = _photos(tmp_path / "photos", n)
+    output = s3_server.format("actor_kill")
+    proc = subprocess.Popen(
+        _label_cmd(folder, output),
+        cwd=REPO,
+        env={**os.environ, **S3_ENV},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    killed, deadline = None, time.time() + 300
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            committed = [k for k in _objects(output) if k.endswith(".parquet") and "/" not in k]
+            pids = _labeler_pids()
+            if committed and pids:
+                killed = pids[0]
+                os.kill(killed, signal.SIGKILL)
+                break
+            time.sleep(0.3)
+        assert killed is not None, "the job finished before an actor could be killed"
+        _, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, stderr[-3000:]
+    objects = _objects(output)
+    assert not [k for k in objects if k.startswith(parts.PARTS_DIR)]
+    shard_keys = sorted(k for k in objects if k.endswith(".parquet"))
+    assert len(shard_keys) == n // 2
+    rows = []
+    for key in shard_keys:
+        table, _ = schemas.read_parquet(sinks.output_path(output, key[: -len(".parquet")]))
+        rows.extend(table.to_pylist())
+    assert sorted(r["image_id"] for r in rows) == [f"img_{i:03d}.png" for i in range(n)]
+    assert all(r["status"] == "ok" for r in rows)
+    assert sinks.read_summary(output).images_ok == n

@@ -111,3 +111,20 @@ def test_unreadable_media_become_tagged_samples_and_ingest_goes_on(
 
     training = training_set_from_dataset(dataset_name, tag=None)
     assert sorted(r["image_id"] for r in training.rows) == ["member-ok", "plain"]
+
+
+def test_default_media_dir_is_local_for_labels_in_object_storage(tmp_path, monkeypatch):
+    from pipeline.review.ingest import default_media_dir
+
+    labels = tmp_path / "labels"
+    labels.mkdir()
+    assert default_media_dir(labels) == labels / "media"
+    assert default_media_dir(labels / "shard-0.parquet") == labels / "media"
+    assert default_media_dir(f"file://{labels}") == labels / "media"
+    monkeypatch.setenv("HIPIE_MEDIA_CACHE", str(tmp_path / "cache"))
+    s3 = default_media_dir("s3://bucket/run1?endpoint_override=127.0.0.1:9000&scheme=http")
+    assert s3.parent == tmp_path / "cache" and len(s3.name) == 16
+    assert s3 == default_media_dir("s3://bucket/run1")  # the query (endpoint, keys) is no part
+    assert s3 != default_media_dir("s3://bucket/run2")
+    monkeypatch.delenv("HIPIE_MEDIA_CACHE")
+    assert default_media_dir("gs://b/x").parent == Path.home() / ".cache" / "hipie" / "media"
