@@ -13,7 +13,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from hipie.training.train import TrainConfig, TrainResult, load_config, read_config_file, train
+from hipie.training.config_files import read_config_file
+from hipie.training.train import TrainConfig, TrainResult, load_config, train
 
 __all__ = ["TrainConfig", "TrainResult", "main", "train"]
 

@@ -27,9 +27,11 @@ import torch
 from hipie.release_build import load_release_folder, release_model, save_release_folder
 from hipie.synthetic.generator import SceneConfig, SceneGenerator
 from hipie.synthetic.scene import PART_CLASSES, STUFF_CLASSES, THING_CLASSES
+from hipie.training.config_files import config_from_dict
 from hipie.training.data import sample_from_scene
 from hipie.training.release_criterion import ReleaseCriterion
 from hipie.training.release_step import PassWeights, train_losses
+from hipie.training.train import lr_factor
 
 __all__ = ["ReleaseTrainConfig", "ReleaseTrainResult", "train_release"]
 
@@ -53,6 +55,7 @@ class ReleaseTrainConfig:
     backbone_lr_mult: float = 0.1
     warmup_steps: int = 50
     lr_drops: tuple[float, ...] = (0.9,)
+    lr_drop_factor: float = 0.1
     grad_clip: float = 0.1
     device: str = "auto"
     num_threads: int | None = None
@@ -68,14 +71,7 @@ class ReleaseTrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ReleaseTrainConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise TypeError(f"unknown ReleaseTrainConfig fields: {sorted(unknown)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        if isinstance(kwargs.get("scene"), dict):
-            kwargs["scene"] = SceneConfig(**kwargs["scene"])
-        return cls(**kwargs)
+        return config_from_dict(cls, data, {"scene": SceneConfig})
 
 
 @dataclass
@@ -84,11 +80,6 @@ class ReleaseTrainResult:
     step: int
     steps_per_second: float
     history: dict[str, list[float]]
-
-
-def _lr_factor(step: int, cfg: ReleaseTrainConfig) -> float:
-    warm = min(1.0, 0.001 + 0.999 * step / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
-    return warm * 0.1 ** sum(step >= int(f * cfg.steps) for f in cfg.lr_drops)
 
 
 def _param_groups(model: torch.nn.Module, cfg: ReleaseTrainConfig) -> list[dict[str, Any]]:
@@ -149,7 +140,7 @@ def train_release(cfg: ReleaseTrainConfig) -> ReleaseTrainResult:
     optimizer = torch.optim.AdamW(
         _param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(_lr_factor, cfg=cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, cfg=cfg))
     step, history = 0, {"step": [], "loss": [], "lr": []}
     if resuming:
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)

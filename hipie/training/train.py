@@ -35,6 +35,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from hipie.synthetic.generator import SceneConfig, SceneGenerator
+from hipie.training.config_files import config_from_dict, read_config_file
 from hipie.training.criterion import CriterionConfig, SetCriterion, build_criterion
 from hipie.training.data import (
     Batch,
@@ -115,26 +116,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Inverse of `to_dict` (lists become tuples; nested scene/criterion dicts)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - names
-        if unknown:
-            raise TypeError(f"unknown TrainConfig fields: {sorted(unknown)}")
-        kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
-        if isinstance(kwargs.get("scene"), dict):
-            kwargs["scene"] = SceneConfig(**kwargs["scene"])
-        if isinstance(kwargs.get("criterion"), dict):
-            kwargs["criterion"] = CriterionConfig(**kwargs["criterion"])
-        return cls(**kwargs)
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping of a .json or .yaml/.yml training config."""
-    text = Path(path).read_text()
-    if str(path).endswith((".yaml", ".yml")):
-        import yaml
-
-        return yaml.safe_load(text) or {}
-    return json.loads(text)
+        return config_from_dict(cls, data, {"scene": SceneConfig, "criterion": CriterionConfig})
 
 
 def load_config(path: str | Path, **overrides: Any) -> TrainConfig:

@@ -125,13 +125,18 @@ def test_release_clip_model_name():
     assert open_clip.get_model_config(CLIP_RANDOM_MODEL_NAME)["quick_gelu"] is True
 
 
+def register_tiny_clip(folder) -> str:
+    """Register the small ViT config with open_clip (its json written to `folder`): its name."""
+    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
+    open_clip.add_model_config(folder)
+    return TINY
+
+
 @pytest.fixture(scope="module")
 def tiny_clip(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip_cfg")
-    (d / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(d)
+    name = register_tiny_clip(tmp_path_factory.mktemp("clip_cfg"))
     torch.manual_seed(0)
-    return open_clip.create_model(TINY, pretrained=None).eval()
+    return open_clip.create_model(name, pretrained=None).eval()
 
 
 def _image(seed=0, h=40, w=52):

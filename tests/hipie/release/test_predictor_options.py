@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,7 @@ from hipie.modeling.image_input import resize_shortest_edge
 from hipie.release_build import release_model
 from hipie.release_hierarchy import ReleaseHierarchyPredictor
 from hipie.release_predictor import ReleasePredictor
-from tests.hipie.release.test_clip_release import TINY, TINY_CFG
+from tests.hipie.release.test_clip_release import register_tiny_clip
 
 open_clip = pytest.importorskip("open_clip")
 NAMES = ["robot", "car", "sky", "grass"]
@@ -49,11 +47,9 @@ def photo():
 
 @pytest.fixture(scope="module")
 def clip(tmp_path_factory):
-    d = tmp_path_factory.mktemp("clip_cfg")
-    (d / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(d)
+    name = register_tiny_clip(tmp_path_factory.mktemp("clip_cfg"))
     torch.manual_seed(0)
-    return RecordingClip(open_clip.create_model(TINY, pretrained=None).eval())
+    return RecordingClip(open_clip.create_model(name, pretrained=None).eval())
 
 
 def test_clip_ensemble_reaches_the_detection_passes_and_not_grounding(model, photo, clip):
