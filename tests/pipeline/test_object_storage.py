@@ -10,7 +10,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 
 import schemas
 from pipeline.labeling import parts, sinks
+from tests.pipeline.label_command import label_command
 
 REPO = Path(__file__).resolve().parents[2]
 S3RVER = Path(os.environ.get("S3RVER_BIN", REPO / ".s3rver" / "node_modules" / ".bin" / "s3rver"))
@@ -83,29 +83,7 @@ def _photos(folder: Path, n: int) -> Path:
 
 
 def _label_cmd(folder: Path, output: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "jobs.label",
-        "--input",
-        str(folder),
-        "--output",
-        output,
-        "--checkpoint",
-        "random:tiny",
-        "--shard-size",
-        "2",
-        "--batch-size",
-        "1",
-        "--things",
-        "robot",
-        "car",
-        "--stuff",
-        "sky",
-        "--num-cpus",
-        "2",
-        "--no-progress",
-    ]
+    return label_command(folder, output, "--num-cpus", "2")
 
 
 def _objects(output: str) -> dict[str, float]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pipeline.labeling.config import LabelJobConfig
 from pipeline.labeling.job import run_label_job
 from pipeline.vocabulary import Vocabulary
 from tests.pipeline.badinputs import build_bad_corpus
+from tests.pipeline.label_command import label_command
 
 REPO = Path(__file__).resolve().parents[3]
 # No "person"/"bird": nothing is replaced, so every SAM mask comes back as exactly one label.
@@ -173,31 +173,8 @@ def test_killed_driver_then_rerun_has_no_missing_and_no_duplicated_rows(ray_loca
     n = 12
     folder = _photo_folder(tmp_path / "photos", n)
     out = tmp_path / "labels"
-    cmd = [
-        sys.executable,
-        "-m",
-        "jobs.label",
-        "--input",
-        str(folder),
-        "--output",
-        str(out),
-        "--checkpoint",
-        "random:tiny",
-        "--shard-size",
-        "2",
-        "--batch-size",
-        "1",
-        "--things",
-        "robot",
-        "car",
-        "--stuff",
-        "sky",
-        "--parts",
-        "head",
-        "--address",
-        ray.get_runtime_context().gcs_address,
-        "--no-progress",
-    ]
+    address = ray.get_runtime_context().gcs_address
+    cmd = label_command(folder, out, "--parts", "head", "--address", address)
     proc = subprocess.Popen(
         cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
     )

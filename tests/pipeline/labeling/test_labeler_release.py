@@ -145,19 +145,18 @@ def test_tiny_release_folder_with_the_clip_ensemble(tmp_path, coco_sample):
     detection passes (a random open_clip ViT registered under a test name)."""
     import torch
 
-    open_clip = pytest.importorskip("open_clip")
+    pytest.importorskip("open_clip")
     from hipie.clip_release import MaskClip
     from hipie.release_build import release_model, save_release_folder
-    from tests.hipie.release.test_clip_release import TINY, TINY_CFG
+    from tests.hipie.release.test_clip_release import register_tiny_clip
 
-    (tmp_path / f"{TINY}.json").write_text(json.dumps(TINY_CFG))
-    open_clip.add_model_config(tmp_path)
+    clip_name = register_tiny_clip(tmp_path)
     torch.manual_seed(0)
     folder = save_release_folder(release_model("tiny"), tmp_path / "tiny_release")
     vocab = Vocabulary.from_lists(things=("person", "horse"), stuff=("grass", "sky"))
     config = LabelJobConfig(
         inputs=(), output="unused", vocabulary_json=vocab.to_json(), checkpoint=str(folder),
-        clip=TINY,
+        clip=clip_name,
     )  # fmt: skip
     labeler = Labeler(config)
     clip = labeler.predictor.release.clip
