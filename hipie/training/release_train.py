@@ -16,7 +16,6 @@ import functools
 import json
 import math
 import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,11 +30,10 @@ from hipie.training.config_files import config_from_dict
 from hipie.training.data import sample_from_scene
 from hipie.training.release_criterion import ReleaseCriterion
 from hipie.training.release_step import PassWeights, train_losses
-from hipie.training.train import lr_factor
+from hipie.training.train import STATE_FILE, lr_factor, save_training_checkpoint
 
 __all__ = ["ReleaseTrainConfig", "ReleaseTrainResult", "train_release"]
 
-STATE_FILE = "trainer_state.pt"
 BACKBONE_PREFIXES = ("backbone.",)
 
 
@@ -94,26 +92,15 @@ def _param_groups(model: torch.nn.Module, cfg: ReleaseTrainConfig) -> list[dict[
 
 
 def _save(out_dir: Path, model, optimizer, scheduler, step: int, cfg, history) -> Path:
-    """`out_dir/checkpoint/`, replaced atomically (written beside it, then renamed)."""
-    final, tmp, old = (out_dir / n for n in ("checkpoint", "checkpoint.tmp", "checkpoint.old"))
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_release_folder(model, tmp, source=f"hipie.training.release_train step {step}")
-    state = {
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "config": json.dumps(cfg.to_dict()),
-        "history": json.dumps(history),
-        "torch_rng": torch.get_rng_state(),
-    }
-    torch.save(state, tmp / STATE_FILE)
-    (out_dir / "history.json").write_text(json.dumps(history))  # readable while a run goes on
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-    return final
+    """`out_dir/checkpoint/` (a release folder + trainer state, replaced atomically), and
+    `history.json`, readable while a run goes on."""
+    source = f"hipie.training.release_train step {step}"
+    path = save_training_checkpoint(
+        out_dir, model, optimizer, scheduler, step, cfg, history,
+        save_model=lambda m, folder: save_release_folder(m, folder, source=source),
+    )  # fmt: skip
+    (out_dir / "history.json").write_text(json.dumps(history))
+    return path
 
 
 def train_release(cfg: ReleaseTrainConfig) -> ReleaseTrainResult:
@@ -181,6 +168,5 @@ def train_release(cfg: ReleaseTrainConfig) -> ReleaseTrainResult:
     elapsed = time.perf_counter() - t0
     bar.close()
     path = _save(out_dir, model, optimizer, scheduler, step, cfg, history) if step > start else ckpt
-    (out_dir / "history.json").write_text(json.dumps(history))
     sps = (step - start) / elapsed if step > start and elapsed > 0 else 0.0
     return ReleaseTrainResult(path, step, sps, history)

@@ -25,7 +25,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,16 +421,24 @@ def _autocast(device: torch.device, cfg: TrainConfig):
 
 # --------------------------------------------------------------------------- checkpoints
 def save_training_checkpoint(
-    out_dir: Path, model, optimizer, scheduler, step: int, cfg: TrainConfig, history: dict
+    out_dir: Path,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    cfg,
+    history: dict,
+    save_model: Callable[[Any, Path], Any] | None = None,
 ) -> Path:
-    """Write `out_dir/checkpoint/` atomically: model (hipie.save_checkpoint) + trainer_state.pt
-    (optimizer, scheduler, step, config, history, torch RNG: tensors and plain containers only,
-    loadable with weights_only=True)."""
-    from hipie.build import save_checkpoint
+    """Write `out_dir/checkpoint/` atomically: the model (`save_model(model, folder)`, default
+    hipie.save_checkpoint) + trainer_state.pt (optimizer, scheduler, step, config, history, torch
+    RNG: tensors and plain containers only, loadable with weights_only=True)."""
+    if save_model is None:
+        from hipie.build import save_checkpoint as save_model
 
     final, tmp = out_dir / "checkpoint", out_dir / "checkpoint.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    save_checkpoint(model, tmp)
+    save_model(model, tmp)
     state = {
         "step": step,
         "optimizer": optimizer.state_dict(),
