@@ -197,6 +197,19 @@ def _image_entry(row: dict, image_id: int) -> dict:
     }
 
 
+def _write_coco(path: Path, images: list, annotations: list, cats: Mapping[Any, dict]) -> Path:
+    """A COCO (or COCO-panoptic) json: our info, the images, annotations and categories by id."""
+    data = {
+        "info": {"description": "HIPIE auto-labels", "schema_version": schemas.SCHEMA_VERSION},
+        "licenses": [],
+        "images": images,
+        "annotations": annotations,
+        "categories": sorted(cats.values(), key=lambda c: c["id"]),
+    }
+    _write_json(data, path)
+    return path
+
+
 def _write_json(data: dict, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -254,15 +267,7 @@ def export_coco(
                     "hipie_parent_id": mask["parent_id"],
                 }
             )
-    path = Path(output_dir) / file_name
-    data = {
-        "info": {"description": "HIPIE auto-labels", "schema_version": schemas.SCHEMA_VERSION},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": sorted(cats.values(), key=lambda c: c["id"]),
-    }
-    _write_json(data, path)
+    path = _write_coco(Path(output_dir) / file_name, images, annotations, cats)
     return ExportResult("coco", (path,), len(images), len(annotations))
 
 
@@ -319,15 +324,7 @@ def export_coco_panoptic(
         images.append(_image_entry(row, image_id))
         annotations.append({"image_id": image_id, "file_name": png_name, "segments_info": segments})
         num_segments += len(segments)
-    path = Path(output_dir) / f"{name}.json"
-    data = {
-        "info": {"description": "HIPIE auto-labels", "schema_version": schemas.SCHEMA_VERSION},
-        "licenses": [],
-        "images": images,
-        "annotations": annotations,
-        "categories": sorted(cats.values(), key=lambda c: c["id"]),
-    }
-    _write_json(data, path)
+    path = _write_coco(Path(output_dir) / f"{name}.json", images, annotations, cats)
     return ExportResult("coco-panoptic", (path, png_dir), len(images), num_segments)
 
 
