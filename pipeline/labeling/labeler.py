@@ -366,26 +366,15 @@ class Labeler:
                     "image_id": str(batch["image_id"][i]),
                     "uri": str(batch["uri"][i]),
                     "shard": str(batch["shard"][i]),
+                    "width": w,
+                    "height": h,
+                    "model": self.model,
+                    "vocabulary_hash": self.vocabulary_hash,
+                    "labeled_at": now,
                 }
                 if failure:
-                    row = schemas.make_error_row(
-                        **common,
-                        error=failure,
-                        width=w,
-                        height=h,
-                        model=self.model,
-                        vocabulary_hash=self.vocabulary_hash,
-                        labeled_at=now,
-                    )
+                    row = schemas.make_error_row(**common, error=failure)
                 else:
-                    row = schemas.make_ok_row(
-                        **common,
-                        width=w,
-                        height=h,
-                        masks=masks,
-                        model=self.model,
-                        vocabulary_hash=self.vocabulary_hash,
-                        labeled_at=now,
-                    )
+                    row = schemas.make_ok_row(**common, masks=masks)
                 rows[i] = {**row, END: False, COUNT: 0}
         return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
